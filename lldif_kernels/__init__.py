@@ -1,0 +1,20 @@
+"""Fused kernels of LLDif (Triton and C++/CUDA) with plain-PyTorch references, usable on any model.
+
+    import lldif_kernels
+    y = lldif_kernels.modulated_layer_norm(x, scale, shift, weight, bias)
+    with lldif_kernels.use_backend("reference"):
+        ...
+"""
+
+from . import nn
+from .dispatch import BACKENDS, BackendNotSupportedError, available_backends, use_backend
+from .ops.modulated_layer_norm import modulated_layer_norm
+
+__all__ = [
+    "BACKENDS",
+    "BackendNotSupportedError",
+    "available_backends",
+    "modulated_layer_norm",
+    "nn",
+    "use_backend",
+]

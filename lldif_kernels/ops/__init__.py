@@ -1,0 +1,1 @@
+"""Differentiable custom ops: argument checks, backend choice, fake tensors and autograd, one file per op."""

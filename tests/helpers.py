@@ -1,0 +1,38 @@
+"""Shared by the op tests: which backends run where, and the FlashAttention tolerance rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lldif_kernels import dispatch
+
+BASE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def backend_params() -> list:
+    """(backend, device) pairs: CPU ones always (skipped when unavailable), CUDA ones marked `cuda`."""
+    cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    return [
+        pytest.param("cpp", "cpu", id="cpp"),
+        pytest.param("triton", "cpu", id="triton-interpreter"),
+        pytest.param("cuda", "cuda", id="cuda", marks=cuda),
+        pytest.param("triton", "cuda", id="triton-cuda", marks=cuda),
+    ]
+
+
+def skip_unless_serves(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    reasons = dispatch.not_supported_reasons(backend, torch.device(device), [dtype])
+    if reasons:
+        pytest.skip(f"{backend} on {device}: " + "; ".join(reasons))
+
+
+def assert_within_tolerance(name: str, out: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor) -> None:
+    """FlashAttention's rule: error vs the float64 result <= 2x the eager same-dtype error + atol."""
+    assert out.shape == exact.shape and out.dtype == eager.dtype, (name, out.shape, out.dtype, eager.dtype)
+    scale = exact.abs().max().clamp(min=1).item() if exact.numel() else 1.0
+    atol = BASE_ATOL[out.dtype] * scale
+    error = (out.double() - exact).abs().max().item() if exact.numel() else 0.0
+    eager_error = (eager.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert error <= 2 * eager_error + atol, f"{name}: error {error:.3g} > 2 * eager {eager_error:.3g} + {atol:.3g}"
+
