@@ -1,0 +1,49 @@
+# Set-up and every recurring job. `make test` and `make demo` work on a fresh clone: they create .venv,
+# install the pinned torch and the project (building its C++/CUDA extensions), then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.14.1
+export MAX_JOBS ?= 2
+SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.5 -p no:cacheprovider
+
+.PHONY: test demo lint compile-check bench gpu-check clean
+
+# The environment: torch first, pinned (the extensions build against it, without build isolation);
+# installing the project builds the extensions, so the build stamp is fresh too.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" "setuptools>=64" wheel ninja
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@ $(VENV)/.built
+
+# Rebuilds the extensions in place when their sources change (ninja: only what changed).
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests
+
+demo: $(VENV)/.built
+	$(VENV)/bin/lldif demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+# Compiles every Triton kernel for sm_90 and sm_80 without a GPU.
+compile-check: $(VENV)/.installed
+	env -u TRITON_INTERPRET $(PY) -m lldif_kernels.triton.compile_check
+
+bench: $(VENV)/.built
+	$(PY) -m pytest benchmarks $(BENCH_FLAGS) --benchmark-json=benchmarks/results/cpu.json
+	$(PY) benchmarks/summarize.py benchmarks/results/cpu.json > benchmarks/results/cpu.md
+
+# On a GPU machine with its own torch (no venv): build in place, CUDA tests, benchmarks, summary in $(OUT).
+OUT ?= benchmarks/results/gpu
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out "$(OUT)"
+
+clean:
+	rm -rf build $(VENV) lldif_kernels/*.so lldif_kernels/_build_info.json *.egg-info

@@ -1,0 +1,58 @@
+"""Shared by the op benchmarks: device, providers, timing of a bundle of calls, and the clone baseline.
+
+On CUDA each benchmarked call runs the op REPEAT times and then synchronises, so launch and sync costs
+do not hide kernels of a few microseconds; `extra_info["repeat"]` says how many, and every derived
+figure (GB/s, ratios) is per op call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch._dynamo.config
+from torch.utils.benchmark import Timer
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+REPEAT = 20 if CUDA else 1
+# Every shape and pass compiles the same reference function again; keep them all.
+torch._dynamo.config.cache_size_limit = 64
+
+ACCELERATOR_PROVIDERS = ("cuda", "triton") if CUDA else ("cpp",)
+PROVIDERS = ("eager", "compile", *ACCELERATOR_PROVIDERS)
+
+
+def bundle(fn: Callable[[], object]) -> Callable[[], None]:
+    """REPEAT calls of fn, then wait for the device."""
+
+    def run() -> None:
+        for _ in range(REPEAT):
+            fn()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def clone_bytes_per_second(x: torch.Tensor) -> float:
+    """Bandwidth of x.clone() (read + write) measured now, on this machine: the yardstick for GB/s figures."""
+    seconds = Timer("x.clone()", globals={"x": x}).blocked_autorange(min_run_time=0.5).median
+    return 2 * x.numel() * x.element_size() / seconds
+
+
+def record(benchmark: pytest.FixtureRequest, *, bytes_moved: int, clone_bandwidth: float, formula: str) -> None:
+    """Attach per-call bandwidth, its ratio to the clone baseline and the byte formula to the result."""
+    seconds = benchmark.stats.stats.median / REPEAT
+    gbps = bytes_moved / seconds / 1e9
+    benchmark.extra_info.update(
+        {
+            "repeat": REPEAT,
+            "ms_per_call": seconds * 1e3,
+            "GB/s": round(gbps, 2),
+            "clone_GB/s": round(clone_bandwidth / 1e9, 2),
+            "fraction_of_clone_bandwidth": round(gbps * 1e9 / clone_bandwidth, 3),
+            "bytes_formula": formula,
+        }
+    )
