@@ -21,9 +21,9 @@ import sysconfig
 if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
-from setuptools import setup  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
 
 DEBUG = os.environ.get("LLDIF_DEBUG") == "1"
 CPU_ARCH = os.environ.get("LLDIF_CPU_ARCH", "native")
@@ -78,7 +78,7 @@ if BUILD_CUDA:
             sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
             include_dirs=include_dirs,
             library_dirs=library_dirs,
-            extra_compile_args={"cxx": OPT_FLAGS, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]},
+            extra_compile_args={"cxx": OPT_FLAGS, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         )
     )
 

@@ -27,17 +27,17 @@ def summarize(report: dict) -> str:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs; "
         f"{report.get('datetime', '')}",
         "",
-        "| group | provider | ms / call | GB/s | × clone bandwidth | vs eager | vs compile |",
+        "| group | provider | ms / call | GB/s | x clone bandwidth | vs eager | vs compile |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for group, by_provider in groups.items():
         ms = {p: b["extra_info"]["ms_per_call"] for p, b in by_provider.items()}
         for provider, bench in by_provider.items():
             info = bench["extra_info"]
-            ratios = [f"{ms[base] / ms[provider]:.2f}×" if base in ms else "–" for base in ("eager", "compile")]
+            ratios = [f"{ms[base] / ms[provider]:.2f}x" if base in ms else "-" for base in ("eager", "compile")]
             lines.append(
-                f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '–')} | "
-                f"{info.get('fraction_of_clone_bandwidth', '–')} | {ratios[0]} | {ratios[1]} |"
+                f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '-')} | "
+                f"{info.get('fraction_of_clone_bandwidth', '-')} | {ratios[0]} | {ratios[1]} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -40,7 +40,7 @@ def _checked_name(name: str | None, what: str) -> str | None:
     return name
 
 
-class use_backend:  # noqa: N801 - reads as a function: `use_backend("cpp")` or `with use_backend("cpp"):`
+class use_backend:
     """Select the backend of every op: for the rest of the program, or inside a ``with`` block.
 
     ``use_backend(None)`` returns to the environment variable / automatic choice.
