@@ -19,8 +19,10 @@ def test_build_is_recorded_for_this_torch():
     assert _extension.CPP_UNAVAILABLE is None
 
 
-@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None and not
-                    os.path.exists("/usr/local/cuda/bin/nvcc"), reason="needs a CUDA torch and nvcc")
+NVCC_FOUND = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+@pytest.mark.skipif(torch.version.cuda is None or not NVCC_FOUND, reason="needs a CUDA torch and nvcc")
 def test_cuda_extension_is_built_where_it_can_be():
     assert "lldif_kernels._C_cuda" in _extension.read_build_info()["extensions"]
     assert _extension.CUDA_UNAVAILABLE is None
