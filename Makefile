@@ -14,7 +14,7 @@ BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.
 # installing the project builds the extensions, so the build stamp is fresh too.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" "setuptools>=64" wheel ninja
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" "setuptools>=77" wheel ninja
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@ $(VENV)/.built
 

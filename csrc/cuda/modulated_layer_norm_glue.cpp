@@ -1,0 +1,107 @@
+// CUDA implementations of lldif_native::modulated_layer_norm_{fwd,bwd} (schemas come from the CPU extension).
+// Argument checks and the (B, C, P) view are shared with the CPU backend (../common), so both accept the same
+// inputs; this file adds the CUDA-only limits, launches, and sums the kernels' per-tile da/de partials.
+// The kernels are in modulated_layer_norm.cu, which has no torch headers, so tensors cross as raw pointers.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "../common/modulated_layer_norm.h"
+
+namespace lldif_kernels {
+
+// Declared exactly as in modulated_layer_norm.cu.
+enum class MlnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+int64_t modulated_layer_norm_position_tiles(int64_t positions);
+cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const void* a, const void* e,
+                                          void* y, int64_t batch, int64_t channels, int64_t positions,
+                                          bool channels_inner, double eps, bool bias_free,
+                                          cudaStream_t stream);
+cudaError_t modulated_layer_norm_bwd_cuda(MlnDtype dtype, const void* dy, const void* x, const void* a,
+                                          void* dx, void* da_partials, void* de_partials, int64_t batch,
+                                          int64_t channels, int64_t positions, bool channels_inner,
+                                          double eps, bool bias_free, cudaStream_t stream);
+
+namespace {
+
+// Runs before the CUDAGuard, which needs x on a CUDA device (the dispatcher picks CUDA if any argument is).
+MlnDtype checked_dtype(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "modulated_layer_norm: x must be a CUDA tensor, got device ", x.device());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
+                   "modulated_layer_norm: the CUDA kernels take float32, float16, bfloat16 or float64 x, got ", t);
+  return t == at::kFloat  ? MlnDtype::kFloat32
+         : t == at::kHalf ? MlnDtype::kFloat16
+         : t == at::kBFloat16 ? MlnDtype::kBFloat16
+                              : MlnDtype::kFloat64;
+}
+
+// The kernels index channels with int and launch one block per (sample, tile of positions) on a 1-D grid.
+void check_kernel_limits(const mln::Problem& p) {
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(p.channels <= kIntMax, "modulated_layer_norm: C=", p.channels,
+                    " exceeds the CUDA kernel's limit of ", kIntMax);
+  TORCH_CHECK_VALUE(p.batch * modulated_layer_norm_position_tiles(p.positions) <= kIntMax,
+                    "modulated_layer_norm: B=", p.batch, " times ", p.positions,
+                    " positions exceeds the CUDA kernel's grid limit");
+}
+
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "modulated_layer_norm: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, double eps,
+                                    bool bias_free) {
+  const MlnDtype dtype = checked_dtype(x);
+  c10::cuda::CUDAGuard guard(x.device());
+  const mln::Problem p = mln::make_problem(x, a, eps);
+  check_kernel_limits(p);
+  const at::Tensor a_c = mln::modulation(a, a, "a"), e_c = mln::modulation(e, a, "e");
+  at::Tensor y = at::empty_like(p.x);
+  if (y.numel() == 0) return y;
+  check_launch(modulated_layer_norm_fwd_cuda(dtype, p.x.data_ptr(), a_c.data_ptr(), e_c.data_ptr(),
+                                             y.data_ptr(), p.batch, p.channels, p.positions, p.channels_inner,
+                                             eps, bias_free, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                                        const at::Tensor& a, double eps,
+                                                                        bool bias_free) {
+  const MlnDtype dtype = checked_dtype(x);
+  c10::cuda::CUDAGuard guard(x.device());
+  const mln::Problem p = mln::make_problem(x, a, eps);
+  check_kernel_limits(p);
+  const at::Tensor a_c = mln::modulation(a, a, "a");
+  const at::Tensor g = mln::grad_like(dy, p.x);  // the kernel indexes dy with x's strides
+  at::Tensor dx = at::empty_like(p.x);
+  // (B, tiles, C) partials in a's dtype, every element written by the kernel, so no zero fill. An empty x
+  // gives empty partials (B, C or tiles = 0), whose sums below are zeros of shape (B, C).
+  const int64_t tiles = modulated_layer_norm_position_tiles(p.positions);
+  at::Tensor da_partials = at::empty({p.batch, tiles, p.channels}, a_c.options());
+  at::Tensor de_partials = at::empty({p.batch, tiles, p.channels}, a_c.options());
+  if (dx.numel() > 0) {
+    check_launch(modulated_layer_norm_bwd_cuda(dtype, g.data_ptr(), p.x.data_ptr(), a_c.data_ptr(), dx.data_ptr(),
+                                               da_partials.data_ptr(), de_partials.data_ptr(), p.batch,
+                                               p.channels, p.positions, p.channels_inner, eps, bias_free,
+                                               c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  // ATen's sum reduces in a fixed order (no atomics), so da/de stay bitwise repeatable.
+  return {dx, da_partials.sum(1), de_partials.sum(1)};
+}
+
+}  // namespace
+}  // namespace lldif_kernels
+
+TORCH_LIBRARY_IMPL(lldif_native, CUDA, m) {
+  m.impl("modulated_layer_norm_fwd", TORCH_FN(lldif_kernels::modulated_layer_norm_fwd));
+  m.impl("modulated_layer_norm_bwd", TORCH_FN(lldif_kernels::modulated_layer_norm_bwd));
+}
