@@ -15,6 +15,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "../common/modulated_layer_norm.h"
 
@@ -22,9 +26,9 @@ namespace lldif_kernels {
 namespace {
 
 // A tile's bytes of x: small enough that the sweeps after the first hit L1/L2.
-constexpr int64_t kTileBytes = 32 * 1024;
+constexpr int64_t kTileBytes = 128 * 1024;
 // Planar tiles keep per-position statistics in stack arrays of this length.
-constexpr int64_t kMaxPlanarTile = 256;
+constexpr int64_t kMaxPlanarTile = 1024;
 
 int64_t tile_positions(const mln::Problem& p) {
   const int64_t per_position = p.channels * static_cast<int64_t>(p.x.element_size());
@@ -33,6 +37,24 @@ int64_t tile_positions(const mln::Problem& p) {
   if (!p.channels_inner && tile >= 16) tile -= tile % 16;  // whole vectors along the position axis
   return std::min(tile, std::max<int64_t>(p.positions, 1));
 }
+
+// Outputs are written once and not read back soon: streaming stores skip the read-for-ownership that an
+// ordinary store costs for every cache line of the output (a third of the memory traffic of the forward).
+template <typename T>
+inline void write_out(T* dst, const T* src, int64_t n) {
+  std::copy_n(src, n, dst);
+}
+#if defined(__AVX__)
+inline void write_out(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) % 32) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+inline void finish_streaming() { _mm_sfence(); }
+#else
+inline void finish_streaming() {}
+#endif
 
 template <typename acc_t>
 struct RowStats {
@@ -97,6 +119,7 @@ void forward_kernel(const mln::Problem& p, const at::Tensor& a, const at::Tensor
 
   at::parallel_for(0, p.batch * tiles, 1, [&](int64_t begin, int64_t end) {
     std::array<acc_t, kMaxPlanarTile> centre, rstd, offset;
+    std::array<scalar_t, kMaxPlanarTile> out;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, p0 = (item % tiles) * tile, width = std::min(tile, P - p0);
       const acc_t* ab = a_data + b * C;
@@ -121,9 +144,11 @@ void forward_kernel(const mln::Problem& p, const at::Tensor& a, const at::Tensor
         const acc_t ac = ab[c], ec = eb[c];
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i)
-          yr[i] = static_cast<scalar_t>(ac * ((static_cast<acc_t>(xr[i]) - centre[i]) * rstd[i]) + ec);
+          out[i] = static_cast<scalar_t>(ac * ((static_cast<acc_t>(xr[i]) - centre[i]) * rstd[i]) + ec);
+        write_out(yr, out.data(), width);
       }
     }
+    finish_streaming();
   });
 }
 
@@ -145,6 +170,7 @@ void backward_kernel(const mln::Problem& p, const at::Tensor& dy, const at::Tens
 
   at::parallel_for(0, p.batch * tiles, 1, [&](int64_t begin, int64_t end) {
     std::array<acc_t, kMaxPlanarTile> centre, rstd, offset, m1, m2;
+    std::array<scalar_t, kMaxPlanarTile> out;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, p0 = (item % tiles) * tile, width = std::min(tile, P - p0);
       const acc_t* ab = a_data + b * C;
@@ -209,10 +235,12 @@ void backward_kernel(const mln::Problem& p, const at::Tensor& dy, const at::Tens
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i) {
           const acc_t n = (static_cast<acc_t>(xr[i]) - centre[i]) * rstd[i];
-          dxr[i] = static_cast<scalar_t>(rstd[i] * (ac * static_cast<acc_t>(gr[i]) - m1[i] - (n - offset[i]) * m2[i]));
+          out[i] = static_cast<scalar_t>(rstd[i] * (ac * static_cast<acc_t>(gr[i]) - m1[i] - (n - offset[i]) * m2[i]));
         }
+        write_out(dxr, out.data(), width);
       }
     }
+    finish_streaming();
   });
 
   acc_t* da_sum = da_out.data_ptr<acc_t>();
