@@ -25,27 +25,44 @@
 namespace lldif_kernels {
 namespace {
 
-// A tile's bytes of x: small enough that the sweeps after the first hit L1/L2.
+// A tile's bytes of x: long runs per channel for the prefetcher, and L2-resident for the later sweeps.
 constexpr int64_t kTileBytes = 128 * 1024;
+// A planar sample up to this size is one tile: splitting short channel rows costs more than it saves.
+constexpr int64_t kWholeSampleBytes = 384 * 1024;
 // Planar tiles keep per-position statistics in stack arrays of this length.
 constexpr int64_t kMaxPlanarTile = 1024;
+// Outputs this large would not stay in cache anyway, so they are streamed past it (see write_out).
+constexpr int64_t kStreamBytes = 2 * 1024 * 1024;
 
 int64_t tile_positions(const mln::Problem& p) {
   const int64_t per_position = p.channels * static_cast<int64_t>(p.x.element_size());
+  const int64_t positions = std::max<int64_t>(p.positions, 1);
+  if (!p.channels_inner && positions <= kMaxPlanarTile && positions * per_position <= kWholeSampleBytes)
+    return positions;
   const int64_t cap = p.channels_inner ? 1024 : kMaxPlanarTile;
   int64_t tile = std::clamp<int64_t>(kTileBytes / per_position, 1, cap);
   if (!p.channels_inner && tile >= 16) tile -= tile % 16;  // whole vectors along the position axis
-  return std::min(tile, std::max<int64_t>(p.positions, 1));
+  return std::min(tile, positions);
 }
 
-// Outputs are written once and not read back soon: streaming stores skip the read-for-ownership that an
-// ordinary store costs for every cache line of the output (a third of the memory traffic of the forward).
+// Streaming pays only for large outputs whose channel rows start on cache lines: a partly written line
+// makes the streaming store read the line back from memory.
+bool stream_output(const mln::Problem& p) {
+  return p.x.nbytes() >= kStreamBytes && (p.positions * p.x.element_size()) % 64 == 0;
+}
+
+// Large outputs are written once and not read back soon: streaming stores skip the read-for-ownership that
+// an ordinary store costs for every cache line of the output (a third of the memory traffic of the forward).
 template <typename T>
-inline void write_out(T* dst, const T* src, int64_t n) {
+inline void write_out(T* dst, const T* src, int64_t n, bool /*stream*/) {
   std::copy_n(src, n, dst);
 }
 #if defined(__AVX__)
-inline void write_out(float* dst, const float* src, int64_t n) {
+inline void write_out(float* dst, const float* src, int64_t n, bool stream) {
+  if (!stream) {
+    std::copy_n(src, n, dst);
+    return;
+  }
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) % 32) != 0; ++i) dst[i] = src[i];
   for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
@@ -111,6 +128,7 @@ void forward_kernel(const mln::Problem& p, const at::Tensor& a, const at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.channels, P = p.positions, tile = tile_positions(p);
   const int64_t tiles = (P + tile - 1) / tile;
+  const bool stream = stream_output(p);
   const scalar_t* x_data = p.x.const_data_ptr<scalar_t>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
   const acc_t* a_data = a.const_data_ptr<acc_t>();
@@ -145,7 +163,7 @@ void forward_kernel(const mln::Problem& p, const at::Tensor& a, const at::Tensor
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i)
           out[i] = static_cast<scalar_t>(ac * ((static_cast<acc_t>(xr[i]) - centre[i]) * rstd[i]) + ec);
-        write_out(yr, out.data(), width);
+        write_out(yr, out.data(), width, stream);
       }
     }
     finish_streaming();
@@ -161,6 +179,7 @@ void backward_kernel(const mln::Problem& p, const at::Tensor& dy, const at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.channels, P = p.positions, tile = tile_positions(p);
   const int64_t tiles = partials.size(1);
+  const bool stream = stream_output(p);
   const scalar_t* x_data = p.x.const_data_ptr<scalar_t>();
   const scalar_t* g_data = dy.const_data_ptr<scalar_t>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
@@ -237,7 +256,7 @@ void backward_kernel(const mln::Problem& p, const at::Tensor& dy, const at::Tens
           const acc_t n = (static_cast<acc_t>(xr[i]) - centre[i]) * rstd[i];
           out[i] = static_cast<scalar_t>(rstd[i] * (ac * static_cast<acc_t>(gr[i]) - m1[i] - (n - offset[i]) * m2[i]));
         }
-        write_out(dxr, out.data(), width);
+        write_out(dxr, out.data(), width, stream);
       }
     }
     finish_streaming();
