@@ -23,6 +23,20 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 @triton.jit
+def _tile(C, P, channel_stride, position_stride, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's sample, its channel indices and mask, and the tile's mask and in-sample offsets."""
+    # B * C * P may pass 2**31, so the sample (the base of its pointers) is int64; offsets inside one sample
+    # stay int32.
+    sample = tl.program_id(1).to(tl.int64)
+    channels = tl.arange(0, BLOCK_C)
+    positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channel_mask = channels < C
+    mask = channel_mask[:, None] & (positions < P)[None, :]
+    offsets = channels[:, None] * channel_stride + positions[None, :] * position_stride
+    return sample, channels, channel_mask, mask, offsets
+
+
+@triton.jit
 def _normalise(x_ptr, offsets, mask, C, eps, BIAS_FREE: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(x - mean, 1 / std, n) of a [BLOCK_C, BLOCK_P] tile; padding lanes of x - mean are 0."""
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -40,15 +54,9 @@ def _mln_fwd_kernel(
     C, P, channel_stride, position_stride, eps,
     BIAS_FREE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    sample = tl.program_id(1).to(tl.int64)
-    channels = tl.arange(0, BLOCK_C)
-    positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    channel_mask = channels < C
-    mask = channel_mask[:, None] & (positions < P)[None, :]
-    # B * C * P may pass 2**31, so the sample base is int64; offsets inside one sample stay int32.
+    sample, channels, channel_mask, mask, offsets = _tile(C, P, channel_stride, position_stride, BLOCK_C, BLOCK_P)
     x_ptr += sample * C * P
     y_ptr += sample * C * P
-    offsets = channels[:, None] * channel_stride + positions[None, :] * position_stride
 
     _, _, normalised = _normalise(x_ptr, offsets, mask, C, eps, BIAS_FREE, ACC_DTYPE)
     scale = tl.load(a_ptr + sample * C + channels, mask=channel_mask, other=0.0).to(ACC_DTYPE)
@@ -63,15 +71,10 @@ def _mln_bwd_kernel(
     C, P, channel_stride, position_stride, eps,
     BIAS_FREE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    sample = tl.program_id(1).to(tl.int64)
-    channels = tl.arange(0, BLOCK_C)
-    positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    channel_mask = channels < C
-    mask = channel_mask[:, None] & (positions < P)[None, :]
+    sample, channels, channel_mask, mask, offsets = _tile(C, P, channel_stride, position_stride, BLOCK_C, BLOCK_P)
     x_ptr += sample * C * P
     dy_ptr += sample * C * P
     dx_ptr += sample * C * P
-    offsets = channels[:, None] * channel_stride + positions[None, :] * position_stride
 
     centred, rstd, normalised = _normalise(x_ptr, offsets, mask, C, eps, BIAS_FREE, ACC_DTYPE)
     grad = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
