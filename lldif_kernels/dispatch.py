@@ -27,7 +27,7 @@ AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 OpReasons = Callable[[str], list[str]]
 
-_requested: list[str | None] = [None]
+_selected: str | None = None  # by use_backend
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -47,19 +47,21 @@ class use_backend:
     """
 
     def __init__(self, name: str | None) -> None:
-        self._previous = _requested[0]
-        _requested[0] = _checked_name(name, "backend")
+        global _selected
+        self._previous = _selected
+        _selected = _checked_name(name, "backend")
 
     def __enter__(self) -> use_backend:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        _requested[0] = self._previous
+        global _selected
+        _selected = self._previous
 
 
 def requested_backend() -> str | None:
     """The backend selected by ``use_backend`` or ``LLDIF_BACKEND``, if any."""
-    return _requested[0] or _checked_name(os.environ.get(ENV_VAR) or None, ENV_VAR)
+    return _selected or _checked_name(os.environ.get(ENV_VAR) or None, ENV_VAR)
 
 
 _TRITON_MISSING = None if importlib.util.find_spec("triton") else "triton is not installed"

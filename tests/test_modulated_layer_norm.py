@@ -265,3 +265,10 @@ def test_module_matches_diffir_formulation(bias_free):
     expected_keys = {"kernel.weight", "weight"} | (set() if bias_free else {"bias"})
     assert set(layer.state_dict()) == expected_keys
     assert layer.kernel.weight.shape == (96, 256)
+
+
+def test_triton_limits_are_reasons_not_crashes():
+    skip_unless_serves("triton", "cpu")
+    x, s = torch.randn(1, 5000, 1, 1), torch.randn(1, 5000)
+    with pytest.raises(BackendNotSupportedError, match="C=5000 exceeds the Triton kernel's limit"):
+        lldif_kernels.modulated_layer_norm(x, s, s, backend="triton")

@@ -122,13 +122,15 @@ def _check_args(
 
 
 def op_reasons(backend: str, x: torch.Tensor) -> list[str]:
-    """Limits of this op's kernels beyond the dispatcher's device and dtype checks."""
+    """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
     if backend != "triton":
         return []
-    from ..triton.modulated_layer_norm import MAX_CHANNELS
-
-    channels = x.shape[-1] if x.dim() == 3 else x.shape[1]
-    return [f"C={channels} exceeds the Triton kernel's limit of {MAX_CHANNELS}"] if channels > MAX_CHANNELS else []
+    try:
+        from ..triton.modulated_layer_norm import limit_reasons
+    except ImportError:  # the dispatcher already says that triton is missing
+        return []
+    channels, positions = (x.shape[2], x.shape[1]) if x.dim() == 3 else (x.shape[1], x.shape[2] * x.shape[3])
+    return limit_reasons(x.shape[0], channels, positions)
 
 
 def modulated_layer_norm(

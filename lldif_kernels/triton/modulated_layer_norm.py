@@ -108,6 +108,18 @@ def _accumulator_dtype(x: torch.Tensor) -> tl.dtype:
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def limit_reasons(batch: int, channels: int, positions: int) -> list[str]:
+    """Why these kernels cannot serve a (batch, channels, positions) problem (empty when they can)."""
+    reasons = []
+    if channels > MAX_CHANNELS:
+        reasons.append(f"C={channels} exceeds the Triton kernel's limit of {MAX_CHANNELS} channels")
+    if channels * positions >= 2**31:
+        reasons.append(f"one sample of {channels} x {positions} elements exceeds the kernels' int32 offsets")
+    if batch > _MAX_BATCH:
+        reasons.append(f"batch {batch} exceeds the CUDA grid limit of {_MAX_BATCH}")
+    return reasons
+
+
 def _validate(x: torch.Tensor, *per_channel: torch.Tensor) -> tuple[int, int, int, int]:
     """Check x and the (B, C) tensors; return ``bcp_strides(x)``."""
     if x.dim() not in (3, 4) or x.dtype not in _SUPPORTED_DTYPES:
@@ -122,12 +134,9 @@ def _validate(x: torch.Tensor, *per_channel: torch.Tensor) -> tuple[int, int, in
                              f"got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
         if t.device != x.device:
             raise ValueError(f"a and e must be on {x.device}, got {t.device}")
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"{channels} channels exceed MAX_CHANNELS = {MAX_CHANNELS}")
-    if channels * positions >= 2**31:
-        raise ValueError(f"one sample of {channels} x {positions} elements exceeds int32 offsets")
-    if x.shape[0] > _MAX_BATCH:
-        raise ValueError(f"batch {x.shape[0]} exceeds the CUDA grid limit {_MAX_BATCH}")
+    reasons = limit_reasons(x.shape[0], channels, positions)
+    if reasons:
+        raise ValueError("; ".join(reasons))
     return channels, positions, channel_stride, position_stride
 
 
