@@ -2,8 +2,8 @@
 
 The kernels of every backend compute ``y = a[b,c] * n + e[b,c]`` with ``n`` the LayerNorm of ``x`` over
 channels, and return ``dx``, ``da = sum_p g*n`` and ``de = sum_p g`` in backward. The LayerNorm affine
-and the modulation are folded into ``a`` and ``e`` here, in float32 outside the kernels, so autograd
-carries ``da`` and ``de`` back to scale, shift, weight and bias.
+and the modulation are folded into ``a`` and ``e`` here, in float32 (float64 for float64 x) outside the kernels,
+so autograd carries ``da`` and ``de`` back to scale, shift, weight and bias.
 """
 
 from __future__ import annotations
