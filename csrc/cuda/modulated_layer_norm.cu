@@ -170,6 +170,20 @@ __device__ RowStats<A> row_stats(const T* __restrict__ x, const RowSlice& s, boo
   return {row.mean, rsqrt(row.m2 / A(C) + eps), bias_free ? A(0) : row.mean};
 }
 
+// This block's sample, its first position and how many of the tile's positions exist, and the thread's place.
+struct BlockTile {
+  int64_t b, tile_start;
+  int rows, lane, warp, warps;
+};
+
+__device__ __forceinline__ BlockTile block_tile(int64_t P, int64_t tiles) {
+  const int64_t tile_start = (blockIdx.x % tiles) * kTilePositions;
+  return {blockIdx.x / tiles, tile_start,
+          static_cast<int>(P - tile_start < kTilePositions ? P - tile_start : kTilePositions),
+          static_cast<int>(threadIdx.x % kWarpSize), static_cast<int>(threadIdx.x / kWarpSize),
+          static_cast<int>(blockDim.x / kWarpSize)};
+}
+
 template <typename T, bool kChannelsInner>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     modulated_layer_norm_fwd_kernel(const T* __restrict__ x, const Acc<T>* __restrict__ a,
@@ -177,11 +191,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
                                     int64_t tiles, Acc<T> eps, bool bias_free) {
   using A = Acc<T>;
   __shared__ A scratch[3 * kMaxWarps * kWarpSize];
-  const int64_t b = blockIdx.x / tiles;
-  const int64_t tile_start = (blockIdx.x % tiles) * kTilePositions;
-  const int rows = static_cast<int>(P - tile_start < kTilePositions ? P - tile_start : kTilePositions);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
+  const BlockTile t = block_tile(P, tiles);
+  const int64_t b = t.b, tile_start = t.tile_start;
+  const int rows = t.rows, lane = t.lane, warp = t.warp, warps = t.warps;
   const A* a_b = a + b * C;
   const A* e_b = e + b * C;
 
@@ -213,11 +225,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
                                     int64_t P, int64_t tiles, Acc<T> eps, bool bias_free) {
   using A = Acc<T>;
   __shared__ A scratch[3 * kMaxWarps * kWarpSize];
-  const int64_t b = blockIdx.x / tiles;
-  const int64_t tile_start = (blockIdx.x % tiles) * kTilePositions;
-  const int rows = static_cast<int>(P - tile_start < kTilePositions ? P - tile_start : kTilePositions);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
+  const BlockTile t = block_tile(P, tiles);
+  const int64_t b = t.b, tile_start = t.tile_start;
+  const int rows = t.rows, lane = t.lane, warp = t.warp, warps = t.warps;
   const A* a_b = a + b * C;
   A* da_tile = da_partials + static_cast<int64_t>(blockIdx.x) * C;
   A* de_tile = de_partials + static_cast<int64_t>(blockIdx.x) * C;
@@ -332,6 +342,21 @@ cudaError_t plan_launch(int64_t batch, int64_t channels, int64_t positions, bool
   return cudaSuccess;
 }
 
+// Empty problems launch nothing; otherwise plans the launch and calls launch(element, plan) with a value of
+// the element type that dtype names, then reports the launch error.
+template <typename F>
+cudaError_t plan_and_launch(MlnDtype dtype, int64_t batch, int64_t channels, int64_t positions, bool channels_inner,
+                            F&& launch) {
+  if (batch == 0 || channels == 0 || positions == 0) return cudaSuccess;
+  LaunchPlan plan;
+  const cudaError_t planned = plan_launch(batch, channels, positions, channels_inner, plan);
+  if (planned != cudaSuccess) return planned;
+  return with_element_type(dtype, [&](auto element) {
+    launch(element, plan);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace
 
 // Rows of the (B, tiles, C) da/de partial buffers the backward launcher expects.
@@ -343,11 +368,7 @@ cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const v
                                           void* y, int64_t batch, int64_t channels, int64_t positions,
                                           bool channels_inner, double eps, bool bias_free,
                                           cudaStream_t stream) {
-  if (batch == 0 || channels == 0 || positions == 0) return cudaSuccess;
-  LaunchPlan plan;
-  const cudaError_t planned = plan_launch(batch, channels, positions, channels_inner, plan);
-  if (planned != cudaSuccess) return planned;
-  return with_element_type(dtype, [&](auto element) {
+  return plan_and_launch(dtype, batch, channels, positions, channels_inner, [&](auto element, const LaunchPlan& plan) {
     using T = decltype(element);
     using A = Acc<T>;
     const auto kernel =
@@ -355,7 +376,6 @@ cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const v
     kernel<<<plan.grid, plan.block, 0, stream>>>(static_cast<const T*>(x), static_cast<const A*>(a),
                                                  static_cast<const A*>(e), static_cast<T*>(y), plan.C,
                                                  positions, plan.tiles, A(eps), bias_free);
-    return cudaGetLastError();
   });
 }
 
@@ -365,11 +385,7 @@ cudaError_t modulated_layer_norm_bwd_cuda(MlnDtype dtype, const void* dy, const 
                                           void* dx, void* da_partials, void* de_partials, int64_t batch,
                                           int64_t channels, int64_t positions, bool channels_inner,
                                           double eps, bool bias_free, cudaStream_t stream) {
-  if (batch == 0 || channels == 0 || positions == 0) return cudaSuccess;
-  LaunchPlan plan;
-  const cudaError_t planned = plan_launch(batch, channels, positions, channels_inner, plan);
-  if (planned != cudaSuccess) return planned;
-  return with_element_type(dtype, [&](auto element) {
+  return plan_and_launch(dtype, batch, channels, positions, channels_inner, [&](auto element, const LaunchPlan& plan) {
     using T = decltype(element);
     using A = Acc<T>;
     const auto kernel =
@@ -378,7 +394,6 @@ cudaError_t modulated_layer_norm_bwd_cuda(MlnDtype dtype, const void* dy, const 
                                                  static_cast<const A*>(a), static_cast<T*>(dx),
                                                  static_cast<A*>(da_partials), static_cast<A*>(de_partials),
                                                  plan.C, positions, plan.tiles, A(eps), bias_free);
-    return cudaGetLastError();
   });
 }
 
