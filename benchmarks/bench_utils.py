@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 import torch._dynamo.config
+from pytest_benchmark.fixture import BenchmarkFixture
 from torch.utils.benchmark import Timer
 
 CUDA = torch.cuda.is_available()
@@ -42,7 +42,7 @@ def clone_bytes_per_second(x: torch.Tensor) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def record(benchmark: pytest.FixtureRequest, *, bytes_moved: int, clone_bandwidth: float, formula: str) -> None:
+def record(benchmark: BenchmarkFixture, *, bytes_moved: int, clone_bandwidth: float, formula: str) -> None:
     """Attach per-call bandwidth, its ratio to the clone baseline and the byte formula to the result."""
     seconds = benchmark.stats.stats.median / REPEAT
     gbps = bytes_moved / seconds / 1e9
