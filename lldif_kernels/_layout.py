@@ -38,13 +38,16 @@ def as_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
+def channels_and_positions(x: torch.Tensor) -> tuple[int, int]:
+    """(C, P) of a (B, N, C) or (B, C, H, W) tensor, whatever its strides."""
+    if x.dim() == 3:
+        return x.shape[2], x.shape[1]
+    return x.shape[1], x.shape[2] * x.shape[3]
+
+
 def bcp_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     """(C, P, channel stride, position stride) of a canonical ``x`` seen as (B, C, P)."""
-    if x.dim() == 3:
-        _, positions, channels = x.shape
-    else:
-        _, channels, height, width = x.shape
-        positions = height * width
+    channels, positions = channels_and_positions(x)
     if channels_inner(x):
         return channels, positions, 1, channels
     return channels, positions, positions, 1

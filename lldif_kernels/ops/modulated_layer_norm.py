@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _extension, dispatch, reference
-from .._layout import canonical
+from .._layout import canonical, channels_and_positions
 from ..profiling import nvtx_range
 
 OP = "modulated_layer_norm"
@@ -98,7 +98,7 @@ def _check_args(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be (B, N, C) tokens or a (B, C, H, W) image, got shape {tuple(x.shape)}")
-    batch, channels = x.shape[0], x.shape[-1] if x.dim() == 3 else x.shape[1]
+    batch, (channels, _) = x.shape[0], channels_and_positions(x)
     expected = {"scale": (batch, channels), "shift": (batch, channels), "weight": (channels,), "bias": (channels,)}
     given = {"x": x, "scale": scale, "shift": shift, "weight": weight, "bias": bias}
     for name, tensor in given.items():
@@ -129,8 +129,7 @@ def op_reasons(backend: str, x: torch.Tensor) -> list[str]:
         from ..triton.modulated_layer_norm import limit_reasons
     except ImportError:  # the dispatcher already says that triton is missing
         return []
-    channels, positions = (x.shape[2], x.shape[1]) if x.dim() == 3 else (x.shape[1], x.shape[2] * x.shape[3])
-    return limit_reasons(x.shape[0], channels, positions)
+    return limit_reasons(x.shape[0], *channels_and_positions(x))
 
 
 def modulated_layer_norm(
