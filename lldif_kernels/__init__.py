@@ -2,18 +2,22 @@
 
     import lldif_kernels
     y = lldif_kernels.modulated_layer_norm(x, scale, shift, weight, bias)
+    out = lldif_kernels.channel_attention(q, k, v, temperature)
     with lldif_kernels.use_backend("reference"):
         ...
 """
 
 from . import nn
 from .dispatch import BACKENDS, BackendNotSupportedError, available_backends, use_backend
+from .ops.channel_attention import channel_attention, channel_attention_qkv
 from .ops.modulated_layer_norm import modulated_layer_norm
 
 __all__ = [
     "BACKENDS",
     "BackendNotSupportedError",
     "available_backends",
+    "channel_attention",
+    "channel_attention_qkv",
     "modulated_layer_norm",
     "nn",
     "use_backend",

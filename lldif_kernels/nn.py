@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.channel_attention import channel_attention_qkv
 from .ops.modulated_layer_norm import modulated_layer_norm
 
 
@@ -39,3 +40,30 @@ class ModulatedLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, prior_dim={self.kernel.in_features}, bias_free={self.bias_free}, eps={self.eps}"
+
+
+class TransposedAttention(nn.Module):
+    """Restormer's multi-Dconv head transposed attention (LLDif's DMNet, Eq. 3) on the fused op.
+
+    1x1 conv to q, k, v, a 3x3 depth-wise conv, attention across the ``dim / heads`` channels of each head,
+    and a 1x1 output projection. Parameter names and shapes are those of Restormer's ``Attention``
+    (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``), so its state dicts load unchanged.
+    ``forward(x)`` maps ``(B, dim, H, W)`` to ``(B, dim, H, W)``.
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False, backend: str | None = None) -> None:
+        super().__init__()
+        if dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
+        self.heads, self.backend = heads, backend
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_dwconv(self.qkv(x))
+        return self.project_out(channel_attention_qkv(qkv, self.temperature, self.heads, backend=self.backend))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.project_out.in_channels}, heads={self.heads}"

@@ -34,3 +34,18 @@ def modulated_layer_norm(
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return y.transpose(1, 2).reshape(x.shape).contiguous(memory_format=memory_format)
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """softmax_j(τ_h q̂_i·k̂_j) v for (B, heads, d, N) q, k, v, Restormer-style (normalise, matmul, softmax)."""
+    q = torch.nn.functional.normalize(q, dim=-1)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    attention = (q @ k.transpose(-2, -1)) * temperature.reshape(-1, 1, 1).to(q.dtype)
+    return attention.softmax(dim=-1) @ v
+
+
+def channel_attention_qkv(qkv: torch.Tensor, temperature: torch.Tensor, heads: int) -> torch.Tensor:
+    """Channel attention on a packed (B, 3C, H, W) qkv, split and reshaped as Restormer's Attention does."""
+    batch, _, height, width = qkv.shape
+    q, k, v = (t.reshape(batch, heads, -1, height * width) for t in qkv.chunk(3, dim=1))
+    return channel_attention(q, k, v, temperature).reshape(batch, -1, height, width)
