@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch._dynamo.config
 from pytest_benchmark.fixture import BenchmarkFixture
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 CUDA = torch.cuda.is_available()
@@ -42,8 +43,40 @@ def clone_bytes_per_second(x: torch.Tensor) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def record(benchmark: BenchmarkFixture, *, bytes_moved: int, clone_bandwidth: float, formula: str) -> None:
-    """Attach per-call bandwidth, its ratio to the clone baseline and the byte formula to the result."""
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated during one call of fn, over what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: allocations and frees as the profiler attributes them to ops,
+    summed in time order; memory an op allocates and frees inside itself (a fused kernel's workspace) is not
+    seen, which the op benchmarks state where it matters.
+    """
+    if CUDA:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def record(
+    benchmark: BenchmarkFixture,
+    *,
+    bytes_moved: int,
+    clone_bandwidth: float,
+    formula: str,
+    flops: int | None = None,
+    flops_formula: str | None = None,
+    peak_bytes: int | None = None,
+) -> None:
+    """Attach per-call bandwidth, its ratio to the clone baseline, FLOP rate and peak memory to the result."""
     seconds = benchmark.stats.stats.median / REPEAT
     gbps = bytes_moved / seconds / 1e9
     benchmark.extra_info.update(
@@ -56,3 +89,7 @@ def record(benchmark: BenchmarkFixture, *, bytes_moved: int, clone_bandwidth: fl
             "bytes_formula": formula,
         }
     )
+    if flops is not None:
+        benchmark.extra_info.update({"TFLOP/s": round(flops / seconds / 1e12, 4), "flops_formula": flops_formula})
+    if peak_bytes is not None:
+        benchmark.extra_info["peak_MB"] = round(peak_bytes / 2**20, 2)

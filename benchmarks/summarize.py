@@ -2,8 +2,9 @@
 
     python benchmarks/summarize.py results.json > results.md
 
-One row per benchmark: per-call median, GB/s and its fraction of the same-run clone bandwidth, and the
-speed-up over the `eager` and `compile` providers of the same group (same op, pass and shape).
+One row per benchmark: per-call median, GB/s and its fraction of the same-run clone bandwidth, TFLOP/s and
+peak memory where the benchmark records them, and the speed-up over the `eager` and `compile` providers of
+the same group (same op, pass and shape).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def summarize(report: dict) -> str:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs; "
         f"{report.get('datetime', '')}",
         "",
-        "| group | provider | ms / call | GB/s | x clone bandwidth | vs eager | vs compile |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| group | provider | ms / call | GB/s | x clone bandwidth | TFLOP/s | peak MB | vs eager | vs compile |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group, by_provider in groups.items():
         ms = {p: b["extra_info"]["ms_per_call"] for p, b in by_provider.items()}
@@ -37,7 +38,8 @@ def summarize(report: dict) -> str:
             ratios = [f"{ms[base] / ms[provider]:.2f}x" if base in ms else "-" for base in ("eager", "compile")]
             lines.append(
                 f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '-')} | "
-                f"{info.get('fraction_of_clone_bandwidth', '-')} | {ratios[0]} | {ratios[1]} |"
+                f"{info.get('fraction_of_clone_bandwidth', '-')} | {info.get('TFLOP/s', '-')} | "
+                f"{info.get('peak_MB', '-')} | {ratios[0]} | {ratios[1]} |"
             )
     return "\n".join(lines) + "\n"
 

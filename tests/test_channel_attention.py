@@ -11,6 +11,7 @@ from torch import nn
 import lldif_kernels
 from lldif_kernels import BackendNotSupportedError, reference
 from lldif_kernels.nn import TransposedAttention
+from lldif_kernels.ops.channel_attention import op_reasons
 
 # The interpreter runs a Triton program in about a millisecond per loop step: keep its problems small.
 INTERPRETED = ("triton", "cpu")
@@ -306,3 +307,9 @@ def test_module_loads_restormer_state_dict_and_matches(bias, dim, heads):
 def test_module_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="multiple of heads"):
         TransposedAttention(10, 3)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_head_dim_limits_are_reasons_not_crashes(backend):
+    reasons = op_reasons(backend, 1, 1, 129, 4)
+    assert any("d=129" in reason for reason in reasons)

@@ -23,6 +23,9 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "../common/channel_attention.h"
 
@@ -44,7 +47,7 @@ template <typename acc_t>
 constexpr int64_t kCols = 2 * kLanes<acc_t>;
 constexpr int kRows = 6;
 
-// Positions per GEMM call: a 256 x 48 panel of the packed operand stays in L1, the d x 256 rows in L2.
+// Positions per GEMM call: one packed panel (256 x kCols) stays in L1, the d x 256 left rows in L2.
 constexpr int64_t kChunk = 256;
 // Positions per pass-1 partial sum: few enough partials to reduce cheaply, enough tasks for the threads.
 constexpr int64_t kSplit = 4 * kChunk;
@@ -89,8 +92,8 @@ void gemm_block(const acc_t* a, int64_t a_row, const acc_t* panel, int64_t depth
 
 // C (rows x cols) (+)= A (rows x depth, row stride a_row) · B (depth x cols), with B packed as panels of
 // kCols columns (see pack_panels) so that each panel is read contiguously. Rows of the tensors here are
-// N·4 bytes apart, a multiple of the L1 set stride at LLDif's sizes: read in place, a panel's rows would
-// evict each other.
+// N·4 bytes apart, which at LLDif's sizes (N = 112², 56², ...) maps them onto a few L1 sets: read in place,
+// the rows of a panel would evict each other.
 template <typename acc_t>
 void gemm(int64_t rows, int64_t cols, int64_t depth, const acc_t* a, int64_t a_row, const acc_t* panels, acc_t* c,
           int64_t ldc, bool accumulate) {
@@ -127,18 +130,51 @@ void pack_panels(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t 
   }
 }
 
+#if defined(__AVX__)
+// out[i][c] = in[c][i] for an 8 x 8 float block: the standard unpack / shuffle / lane-permute network.
+inline void transpose_8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * in_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * out_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * out_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
 // The transpose of a (rows x n) block as right-hand panels for a Gram product over positions: depth n,
 // padded_rows columns, zero past rows.
 template <typename scalar_t, typename acc_t>
 void pack_transposed_panels(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t padded_rows, int64_t n,
                             acc_t* dst) {
   constexpr int64_t W = kCols<acc_t>;
-  std::fill(dst, dst + padded_rows * n, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* out = dst + r / W * n * W + r % W;
-    const scalar_t* in = src + r * src_stride;
-    for (int64_t i = 0; i < n; ++i) out[i * W] = static_cast<acc_t>(in[i]);
+  auto at = [&](int64_t r, int64_t i) -> acc_t& { return dst[(r / W * n + i) * W + r % W]; };
+  int64_t r = 0;
+#if defined(__AVX__)
+  // Scalar stores, one per element at a 64-byte stride, would cost a third of the Gram's time.
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; r + 8 <= rows; r += 8) {
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) transpose_8x8(src + r * src_stride + i, src_stride, &at(r, i), W);
+      for (; i < n; ++i)
+        for (int64_t c = r; c < r + 8; ++c) at(c, i) = src[c * src_stride + i];
+    }
   }
+#endif
+  for (; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) at(r, i) = static_cast<acc_t>(src[r * src_stride + i]);
+  for (; r < padded_rows; ++r)
+    for (int64_t i = 0; i < n; ++i) at(r, i) = acc_t(0);
 }
 
 // A (rows x n) block of an input in the accumulation type: the tensor's own memory when it already is,

@@ -207,8 +207,14 @@ def _check_qkv(q: object, k: object, v: object) -> None:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
 
 
+# The CUDA kernels keep a head's d x d matrices on chip (kMaxDim in csrc/cuda/channel_attention.cu).
+CUDA_MAX_HEAD_DIM = 128
+
+
 def op_reasons(backend: str, batch: int, heads: int, dim: int, positions: int) -> list[str]:
     """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
+    if backend == "cuda" and dim > CUDA_MAX_HEAD_DIM:
+        return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {CUDA_MAX_HEAD_DIM}"]
     if backend != "triton":
         return []
     try:
