@@ -119,14 +119,38 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const acc_t* a, int64_t a_r
 template <typename scalar_t, typename acc_t>
 void pack_panels(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t n, acc_t* dst) {
   constexpr int64_t W = kCols<acc_t>;
-  for (int64_t p = 0; p * W < n; ++p) {
-    const int64_t width = std::min(W, n - p * W);
-    for (int64_t r = 0; r < rows; ++r) {
+  const int64_t panels = (n + W - 1) / W, full = n / W;
+  // Row by row, so that each source row is one sequential read the prefetcher follows; panel by panel
+  // would read 64 bytes from each of d rows N·4 bytes apart, and wait on memory for most of them.
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = src + r * src_stride;
+    for (int64_t p = 0; p < full; ++p) {
       acc_t* out = dst + (p * rows + r) * W;
-      const scalar_t* in = src + r * src_stride + p * W;
-      for (int64_t c = 0; c < width; ++c) out[c] = static_cast<acc_t>(in[c]);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        std::memcpy(out, in + p * W, W * sizeof(acc_t));  // GCC leaves the element loop scalar
+      } else {
+        for (int64_t c = 0; c < W; ++c) out[c] = static_cast<acc_t>(in[p * W + c]);
+      }
+    }
+    if (full < panels) {
+      acc_t* out = dst + (full * rows + r) * W;
+      const int64_t width = n - full * W;
+      for (int64_t c = 0; c < width; ++c) out[c] = static_cast<acc_t>(in[full * W + c]);
       std::fill(out + width, out + W, acc_t(0));
     }
+  }
+}
+
+// Asks for the next chunk of each row while this one is in use. The hardware prefetcher restarts on every
+// row (rows are short and far apart), so without this each chunk's first reads wait on memory; this way
+// the next chunk is in L2 by the time the GEMM of this one is done.
+template <typename scalar_t>
+void prefetch_next_chunk(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t n) {
+  constexpr int64_t kLine = 64;
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* next = reinterpret_cast<const char*>(src + r * src_stride + n);
+    for (int64_t byte = 0; byte < kChunk * static_cast<int64_t>(sizeof(scalar_t)); byte += kLine)
+      __builtin_prefetch(next + byte, 0, 2);
   }
 }
 
@@ -279,6 +303,8 @@ void gram_partials(const Shape& s, const scalar_t* left, bool left_contiguous, c
       for (int64_t start = first; start < last; start += kChunk) {
         const int64_t n = std::min(kChunk, last - start);
         int64_t a_row = 0;
+        prefetch_next_chunk(left + left_base + start, left_stride, d, n);
+        prefetch_next_chunk(right + s.input_offset(pair) + start, s.stride_dim, d, n);
         const acc_t* a = rows_as_acc(left + left_base + start, left_stride, d, n, left_stage.data(), a_row);
         pack_transposed_panels(right + s.input_offset(pair) + start, s.stride_dim, d, dp, n, panels.data());
         gemm<acc_t>(d, dp, n, a, a_row, panels.data(), gram, dp, start != first);
@@ -319,6 +345,7 @@ template <typename scalar_t, typename acc_t>
 OutRows<scalar_t, acc_t> apply(const acc_t* coefficients, const scalar_t* input, int64_t input_stride,
                                scalar_t* output, int64_t output_stride, int64_t d, int64_t n, acc_t* panels,
                                acc_t* stage) {
+  prefetch_next_chunk(input, input_stride, d, n);
   pack_panels(input, input_stride, d, n, panels);
   OutRows<scalar_t, acc_t> target(output, output_stride, d, n, stage);
   gemm<acc_t>(d, round_up(n, kCols<acc_t>), d, coefficients, d, panels, target.data, target.stride, false);
