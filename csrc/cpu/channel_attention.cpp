@@ -286,12 +286,15 @@ struct Shape {
 // Pass 1: per (pair, split) the partial Gram Σ_n left_in right_jn (d x padded_dim) and, when squares is
 // given, the partial Σ_n left_in² and Σ_n right_jn² (2 x d). Left and right share the problem's strides
 // when left_contiguous is false; else left is a contiguous (B, heads, d, N) tensor (the incoming gradient).
-template <typename scalar_t, typename acc_t>
+// on_chunk(pair, start, n, panels, stage) runs after each chunk, with the chunk still in cache and two
+// d x kChunk scratch buffers for apply().
+template <typename scalar_t, typename acc_t, typename OnChunk>
 void gram_partials(const Shape& s, const scalar_t* left, bool left_contiguous, const scalar_t* right,
-                   acc_t* gram_partials, acc_t* square_partials) {
+                   acc_t* gram_partials, acc_t* square_partials, const OnChunk& on_chunk) {
   const int64_t d = s.dim, dp = s.padded_dim;
   at::parallel_for(0, s.pairs * s.splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> left_stage(d * kChunk), panels(kChunk * dp);
+    std::vector<acc_t> left_stage(d * kChunk), panels(kChunk * dp), scratch_panels(d * kChunk),
+        scratch_stage(d * kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / s.splits, split = task % s.splits;
       const int64_t left_base = left_contiguous ? pair * d * s.positions : s.input_offset(pair);
@@ -312,6 +315,7 @@ void gram_partials(const Shape& s, const scalar_t* left, bool left_contiguous, c
           add_row_squares(a, a_row, d, n, squares);
           add_column_squares(panels.data(), n, d, dp, squares + d);
         }
+        on_chunk(pair, start, n, scratch_panels.data(), scratch_stage.data());
       }
     }
   });
@@ -362,7 +366,7 @@ void forward_kernel(const cha::Problem& p, const at::Tensor& temperature, at::Te
   auto grams = at::empty({s.pairs, s.splits, d, dp}, acc_options);
   auto squares = at::empty({s.pairs, s.splits, 2, d}, acc_options);
   gram_partials<scalar_t, acc_t>(s, p.q.const_data_ptr<scalar_t>(), false, p.k.const_data_ptr<scalar_t>(),
-                                 grams.data_ptr<acc_t>(), squares.data_ptr<acc_t>());
+                                 grams.data_ptr<acc_t>(), squares.data_ptr<acc_t>(), [](auto...) {});
 
   auto attention = at::empty({s.pairs, d, d}, acc_options);
   const acc_t* tau = temperature.const_data_ptr<acc_t>();
@@ -407,25 +411,49 @@ void backward_kernel(const cha::Problem& p, const at::Tensor& dout, const at::Te
   const auto acc_options = cosine.options();
   const scalar_t *g = dout.const_data_ptr<scalar_t>(), *q = p.q.const_data_ptr<scalar_t>(),
                  *k = p.k.const_data_ptr<scalar_t>(), *v = p.v.const_data_ptr<scalar_t>();
-  auto grams = at::empty({s.pairs, s.splits, d, dp}, acc_options);
-  gram_partials<scalar_t, acc_t>(s, g, true, v, grams.data_ptr<acc_t>(), nullptr);
-
-  // Per pair, the left operands of pass 2 (M, Mᵀ, Pᵀ) and the diagonals ρ/nq², κ/nk² of
-  // dq = M k - diag(ρ/nq²) q, dk = Mᵀ q - diag(κ/nk²) k, dv = Pᵀ dO.
-  auto coefficients = at::empty({s.pairs, 3, d, d}, acc_options);
-  auto diagonals = at::empty({s.pairs, 2, d}, acc_options);
   const acc_t *tau = temperature.const_data_ptr<acc_t>(), *c_all = cosine.const_data_ptr<acc_t>();
   const acc_t *nq_all = q_norm.const_data_ptr<acc_t>(), *nk_all = k_norm.const_data_ptr<acc_t>();
+  scalar_t* outputs[3] = {grads.dq.data_ptr<scalar_t>(), grads.dk.data_ptr<scalar_t>(), grads.dv.data_ptr<scalar_t>()};
+  auto out_offset = [&](int64_t pair, int64_t start) {
+    return pair / s.heads * grads.stride_batch + pair % s.heads * grads.stride_head + start;
+  };
+
+  // Per pair, the left operands of pass 2, M and Mᵀ, then Pᵀ, and the diagonals ρ/nq², κ/nk² of
+  // dq = M k - diag(ρ/nq²) q, dk = Mᵀ q - diag(κ/nk²) k, dv = Pᵀ dO.
+  auto coefficients = at::empty({s.pairs, 3, d, d}, acc_options);
+  auto probabilities = at::empty({s.pairs, d, d}, acc_options);
+  acc_t* prob_all = probabilities.data_ptr<acc_t>();
+  at::parallel_for(0, s.pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      acc_t* prob = prob_all + pair * d * d;
+      acc_t* pt = coefficients.data_ptr<acc_t>() + (pair * 3 + 2) * d * d;
+      softmax_rows(c_all + pair * d * d, tau[pair % s.heads], d, prob);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j) pt[j * d + i] = prob[i * d + j];
+    }
+  });
+
+  // P is known from the forward, so dv = Pᵀ dO is computed in pass 1, while its chunk of dO is in cache.
+  auto grams = at::empty({s.pairs, s.splits, d, dp}, acc_options);
+  gram_partials<scalar_t, acc_t>(s, g, true, v, grams.data_ptr<acc_t>(), nullptr,
+                                 [&](int64_t pair, int64_t start, int64_t n, acc_t* panels, acc_t* stage) {
+                                   apply(coefficients.const_data_ptr<acc_t>() + (pair * 3 + 2) * d * d,
+                                         g + pair * d * n_all + start, n_all, outputs[2] + out_offset(pair, start),
+                                         grads.stride_dim, d, n, panels, stage)
+                                       .commit();
+                                 });
+
+  auto diagonals = at::empty({s.pairs, 2, d}, acc_options);
   acc_t* dtau = dtemperature.data_ptr<acc_t>();
   at::parallel_for(0, s.pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dprob(d * dp), prob(d * d), kappa(d);
+    std::vector<acc_t> dprob(d * dp), kappa(d);
     for (int64_t pair = begin; pair < end; ++pair) {
       sum_splits(grams.const_data_ptr<acc_t>() + pair * s.splits * d * dp, s.splits, d * dp, dprob.data());
       const acc_t t = tau[pair % s.heads];
       const acc_t *c = c_all + pair * d * d, *nq = nq_all + pair * d, *nk = nk_all + pair * d;
-      softmax_rows(c, t, d, prob.data());
+      const acc_t* prob = prob_all + pair * d * d;
       acc_t* m = coefficients.data_ptr<acc_t>() + pair * 3 * d * d;
-      acc_t *mt = m + d * d, *pt = m + 2 * d * d;
+      acc_t* mt = m + d * d;
       acc_t* diag = diagonals.data_ptr<acc_t>() + pair * 2 * d;
       acc_t dt = 0;
       std::fill(kappa.begin(), kappa.end(), acc_t(0));
@@ -441,7 +469,6 @@ void backward_kernel(const cha::Problem& p, const at::Tensor& dout, const at::Te
           rho += dc * c[i * d + j];
           kappa[j] += dc * c[i * d + j];
           m[i * d + j] = mt[j * d + i] = dc / (nq[i] * nk[j]);
-          pt[j * d + i] = prob[i * d + j];
         }
         // A norm at the clamp is a constant, so the row takes no gradient through it.
         diag[i] = nq[i] > static_cast<acc_t>(cha::kNormEps) ? rho / (nq[i] * nq[i]) : acc_t(0);
@@ -452,7 +479,6 @@ void backward_kernel(const cha::Problem& p, const at::Tensor& dout, const at::Te
     }
   });
 
-  scalar_t* outputs[3] = {grads.dq.data_ptr<scalar_t>(), grads.dk.data_ptr<scalar_t>(), grads.dv.data_ptr<scalar_t>()};
   at::parallel_for(0, s.pairs * s.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> panels(d * kChunk), stage(d * kChunk);
     for (int64_t task = begin; task < end; ++task) {
@@ -460,15 +486,13 @@ void backward_kernel(const cha::Problem& p, const at::Tensor& dout, const at::Te
       const int64_t n = std::min(kChunk, n_all - start), in = s.input_offset(pair) + start;
       const acc_t* m = coefficients.const_data_ptr<acc_t>() + pair * 3 * d * d;
       const acc_t* diag = diagonals.const_data_ptr<acc_t>() + pair * 2 * d;
-      const int64_t out = pair / s.heads * grads.stride_batch + pair % s.heads * grads.stride_head + start;
-      // dq = M k - diag(ρ/nq²) q, dk = Mᵀ q - diag(κ/nk²) k, dv = Pᵀ dO.
-      const scalar_t* right[3] = {k + in, q + in, g + pair * d * n_all + start};
-      const int64_t right_stride[3] = {s.stride_dim, s.stride_dim, n_all};
+      // dq = M k - diag(ρ/nq²) q, dk = Mᵀ q - diag(κ/nk²) k.
+      const scalar_t* right[2] = {k + in, q + in};
       const scalar_t* scaled[2] = {q + in, k + in};
-      for (int which = 0; which < 3; ++which) {
-        auto target = apply(m + which * d * d, right[which], right_stride[which], outputs[which] + out,
+      for (int which = 0; which < 2; ++which) {
+        auto target = apply(m + which * d * d, right[which], s.stride_dim, outputs[which] + out_offset(pair, start),
                             grads.stride_dim, d, n, panels.data(), stage.data());
-        for (int64_t r = 0; which < 2 && r < d; ++r) {
+        for (int64_t r = 0; r < d; ++r) {
           const acc_t scale = diag[which * d + r];
           acc_t* row = target.data + r * target.stride;
           const scalar_t* x = scaled[which] + r * s.stride_dim;
