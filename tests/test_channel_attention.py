@@ -137,6 +137,8 @@ def test_strided_views_and_channels_last(backend, device):
                                reference.channel_attention_qkv(qkv, temperature, 2), rtol=1e-5, atol=1e-5)
 
 
+# A zero channel's exact dq is about 1/1e-12, past float16: the interpreter's numpy cast to inf warns.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["zero_channel", "large", "tau_0", "tau_50"])
