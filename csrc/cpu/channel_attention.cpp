@@ -2,8 +2,8 @@
 //
 // Per (sample, head) pair with q, k, v in R^{d x N}:
 //   forward   G = q kᵀ, |q_i|², |k_j|²  (pass 1 over N)   ->  C = q̂ k̂ᵀ, P = softmax_j(τ C)  ->  out = P v  (pass 2)
-//   backward  dP = dO vᵀ  (pass 1)  ->  dS, dτ, M, ρ, κ (d x d)  ->  dq = M k - ρ/nq² q, dk = Mᵀ q - κ/nk² k,
-//             dv = Pᵀ dO  (pass 2)
+//   backward  dP = dO vᵀ and dv = Pᵀ dO (pass 1; P is the forward's)  ->  dS, dτ, M, ρ, κ (d x d)
+//             ->  dq = M k - ρ/nq² q, dk = Mᵀ q - κ/nk² k  (pass 2)
 // so the normalisation backward needs no reduction over N of its own (../../LLDIF_SPEC §8.2).
 //
 // Every product over N is a small GEMM on a chunk of positions, done by one register-blocked kernel
