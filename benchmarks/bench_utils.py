@@ -7,7 +7,8 @@ figure (GB/s, ratios) is per op call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch._dynamo.config
@@ -37,10 +38,45 @@ def bundle(fn: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
-def clone_bytes_per_second(x: torch.Tensor) -> float:
-    """Bandwidth of x.clone() (read + write) measured now, on this machine: the yardstick for GB/s figures."""
+def provider_op(provider: str, eager: Callable, fused: Callable) -> Callable:
+    """What a provider times: the reference (`eager`), its torch.compile, or the fused op on that backend."""
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager, dynamic=False)
+    return functools.partial(fused, backend=provider)
+
+
+def pass_call(op: Callable, inputs: Sequence[torch.Tensor], pass_: str) -> Callable[[], object]:
+    """op on inputs as one timed call: `fwd` without autograd, or `fwd+bwd` with the gradients of every input
+    (for a random cotangent shaped like the first input, as every op's output is). Runs it once, so that
+    compilation and first-touch stay outside the timing."""
+    if pass_ == "fwd":
+        def call():
+            with torch.no_grad():
+                return op(*inputs)
+    else:
+        leaves = [t.requires_grad_() for t in inputs]
+        grad_out = torch.randn_like(leaves[0])
+
+        def call():
+            return torch.autograd.grad(op(*leaves), leaves, grad_out)
+
+    call()
+    return call
+
+
+@functools.cache
+def _clone_bytes_per_second(shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    x = torch.randn(shape, device=DEVICE).to(dtype)
     seconds = Timer("x.clone()", globals={"x": x}).blocked_autorange(min_run_time=0.5).median
     return 2 * x.numel() * x.element_size() / seconds
+
+
+def clone_bytes_per_second(x: torch.Tensor) -> float:
+    """Bandwidth of a clone() (read + write) of a tensor like x, measured once per shape and dtype on this
+    machine: the yardstick for GB/s figures."""
+    return _clone_bytes_per_second(tuple(x.shape), x.dtype)
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:

@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import DEVICE, PROVIDERS, bundle, clone_bytes_per_second, peak_memory_bytes, record
+from bench_utils import (
+    DEVICE,
+    PROVIDERS,
+    bundle,
+    clone_bytes_per_second,
+    pass_call,
+    peak_memory_bytes,
+    provider_op,
+    record,
+)
 
 import lldif_kernels
 from lldif_kernels import reference
@@ -24,16 +33,6 @@ LEVELS = [(1, 112), (2, 56), (4, 28), (8, 14)]
 BATCH, HEAD_DIM = 8, 48
 BYTES_PER_ELEMENT_MOVED = {"fwd": 4, "fwd+bwd": 12}
 FLOPS_PER_ELEMENT_PER_D = {"fwd": 4, "fwd+bwd": 12}
-
-_clone_bandwidth: dict[tuple, float] = {}
-
-
-def op_for(provider: str):
-    if provider == "eager":
-        return reference.channel_attention
-    if provider == "compile":
-        return torch.compile(reference.channel_attention, dynamic=False)
-    return lambda *args: lldif_kernels.channel_attention(*args, backend=provider)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -45,28 +44,15 @@ def test_channel_attention(benchmark, level, pass_, provider):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3))
     temperature = torch.ones(heads, 1, 1, device=DEVICE)
-    op = op_for(provider)
-    if pass_ == "fwd":
-        def call():
-            with torch.no_grad():
-                return op(q, k, v, temperature)
-    else:
-        leaves = [t.requires_grad_() for t in (q, k, v, temperature)]
-        grad_out = torch.randn_like(q)
-
-        def call():
-            return torch.autograd.grad(op(*leaves), leaves, grad_out)
-
-    call()  # compile / first-touch outside the timing
-    if shape not in _clone_bandwidth:
-        _clone_bandwidth[shape] = clone_bytes_per_second(q.detach())
+    op = provider_op(provider, reference.channel_attention, lldif_kernels.channel_attention)
+    call = pass_call(op, (q, k, v, temperature), pass_)
     benchmark.group = f"channel_attention {pass_} h{heads}@{side}"
     benchmark(bundle(call))
     elements = q.numel()
     record(
         benchmark,
         bytes_moved=BYTES_PER_ELEMENT_MOVED[pass_] * elements * q.element_size(),
-        clone_bandwidth=_clone_bandwidth[shape],
+        clone_bandwidth=clone_bytes_per_second(q),
         formula="4*E*s (fwd), 12*E*s (fwd+bwd)",
         flops=FLOPS_PER_ELEMENT_PER_D[pass_] * elements * HEAD_DIM,
         flops_formula="4*E*d (fwd), 12*E*d (fwd+bwd)",

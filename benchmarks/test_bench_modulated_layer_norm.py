@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import DEVICE, PROVIDERS, bundle, clone_bytes_per_second, record
+from bench_utils import DEVICE, PROVIDERS, bundle, clone_bytes_per_second, pass_call, provider_op, record
 
 import lldif_kernels
 from lldif_kernels import reference
 
 SHAPES = [(8, 48, 112, 112), (8, 96, 56, 56), (8, 192, 28, 28), (8, 384, 14, 14)]
 BYTES_PER_ELEMENT_MOVED = {"fwd": 2, "fwd+bwd": 5}
-
-_clone_bandwidth: dict[tuple, float] = {}
-
-
-def op_for(provider: str):
-    if provider == "eager":
-        return reference.modulated_layer_norm
-    if provider == "compile":
-        return torch.compile(reference.modulated_layer_norm, dynamic=False)
-    return lambda *args: lldif_kernels.modulated_layer_norm(*args, backend=provider)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -37,26 +27,13 @@ def test_modulated_layer_norm(benchmark, shape, pass_, provider):
     x = torch.randn(shape, generator=gen).to(DEVICE)
     params = [torch.randn(batch, channels, generator=gen).to(DEVICE) for _ in range(2)]
     params += [torch.randn(channels, generator=gen).to(DEVICE) for _ in range(2)]
-    op = op_for(provider)
-    if pass_ == "fwd":
-        def call():
-            with torch.no_grad():
-                return op(x, *params)
-    else:
-        leaves = [t.requires_grad_() for t in (x, *params)]
-        grad_out = torch.randn_like(x)
-
-        def call():
-            return torch.autograd.grad(op(*leaves), leaves, grad_out)
-
-    call()  # compile / first-touch outside the timing
-    if shape not in _clone_bandwidth:
-        _clone_bandwidth[shape] = clone_bytes_per_second(x.detach())
+    op = provider_op(provider, reference.modulated_layer_norm, lldif_kernels.modulated_layer_norm)
+    call = pass_call(op, (x, *params), pass_)
     benchmark.group = f"modulated_layer_norm {pass_} C{channels}@{shape[2]}"
     benchmark(bundle(call))
     record(
         benchmark,
         bytes_moved=BYTES_PER_ELEMENT_MOVED[pass_] * x.numel() * x.element_size(),
-        clone_bandwidth=_clone_bandwidth[shape],
+        clone_bandwidth=clone_bytes_per_second(x),
         formula="2*N*s (fwd), 5*N*s (fwd+bwd)",
     )
