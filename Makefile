@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1
 export MAX_JOBS ?= 2
-SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=2 -p no:cacheprovider
 
 .PHONY: test demo lint compile-check bench gpu-check clean

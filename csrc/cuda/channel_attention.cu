@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "element_types.cuh"
+
 namespace lldif_kernels {
 
 enum class ChaDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -74,19 +76,9 @@ constexpr int64_t chunk_of(int64_t pairs, int64_t positions) {
   return ceil_div(ceil_div(positions, splits), kChunkAlign) * kChunkAlign;
 }
 
-template <typename T> struct AccumulatorOf { using type = float; };
-template <> struct AccumulatorOf<double> { using type = double; };
-template <typename T> using Acc = typename AccumulatorOf<T>::type;
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double widen(double v) { return v; }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+using device::Acc;
+using device::store;
+using device::widen;
 
 // Vector shared-memory reads (callers guarantee the alignment): they halve the load instructions of the
 // inner products, whose shared-memory bandwidth otherwise bounds them.

@@ -15,6 +15,8 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "element_types.cuh"
+
 namespace lldif_kernels {
 
 enum class MlnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -28,20 +30,9 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 constexpr int64_t position_tiles(int64_t positions) { return (positions + kTilePositions - 1) / kTilePositions; }
 
-// Half and bfloat16 compute in float; only float64 inputs need float64 accumulation.
-template <typename T> struct AccumulatorOf { using type = float; };
-template <> struct AccumulatorOf<double> { using type = double; };
-template <typename T> using Acc = typename AccumulatorOf<T>::type;
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double widen(double v) { return v; }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+using device::Acc;
+using device::store;
+using device::widen;
 
 // Welford divides by a count once per element, so the IEEE division sequences are avoided: float uses the
 // 2-ulp hardware division; for double (whose IEEE division is a called subroutine that spills on sm_80) two
