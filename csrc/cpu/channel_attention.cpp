@@ -273,8 +273,8 @@ struct Shape {
   int64_t pairs, heads, dim, padded_dim, positions, splits, chunks;
   int64_t stride_batch, stride_head, stride_dim;
 
-  explicit Shape(const cha::Problem& p, int64_t lanes)
-      : pairs(p.batch * p.heads), heads(p.heads), dim(p.dim), padded_dim(round_up(p.dim, lanes)),
+  explicit Shape(const cha::Problem& p, int64_t columns_per_panel)
+      : pairs(p.batch * p.heads), heads(p.heads), dim(p.dim), padded_dim(round_up(p.dim, columns_per_panel)),
         positions(p.positions), splits((p.positions + kSplit - 1) / kSplit),
         chunks((p.positions + kChunk - 1) / kChunk), stride_batch(p.stride_batch), stride_head(p.stride_head),
         stride_dim(p.stride_dim) {}
