@@ -47,20 +47,23 @@ def provider_op(provider: str, eager: Callable, fused: Callable) -> Callable:
     return functools.partial(fused, backend=provider)
 
 
-def pass_call(op: Callable, inputs: Sequence[torch.Tensor], pass_: str) -> Callable[[], object]:
+def pass_call(
+    op: Callable, inputs: Sequence[torch.Tensor], pass_: str, frozen: Sequence[int] = ()
+) -> Callable[[], object]:
     """op on inputs as one timed call: `fwd` without autograd, or `fwd+bwd` with the gradients of every input
-    (for a random cotangent shaped like the first input, as every op's output is). Runs it once, so that
-    compilation and first-touch stay outside the timing."""
+    but the `frozen` ones (for a random cotangent shaped like the first input, as every op's output is). Runs
+    it once, so that compilation and first-touch stay outside the timing."""
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
                 return op(*inputs)
     else:
-        leaves = [t.requires_grad_() for t in inputs]
+        leaves = [t.requires_grad_(i not in frozen) for i, t in enumerate(inputs)]
+        trained = [t for t in leaves if t.requires_grad]
         grad_out = torch.randn_like(leaves[0])
 
         def call():
-            return torch.autograd.grad(op(*leaves), leaves, grad_out)
+            return torch.autograd.grad(op(*leaves), trained, grad_out)
 
     call()
     return call

@@ -3,6 +3,7 @@
     import lldif_kernels
     y = lldif_kernels.modulated_layer_norm(x, scale, shift, weight, bias)
     out = lldif_kernels.channel_attention(q, k, v, temperature)
+    out = lldif_kernels.window_cross_attention(q, k, v, rel_pos_table, window_size)
     with lldif_kernels.use_backend("reference"):
         ...
 """
@@ -11,6 +12,7 @@ from . import nn
 from .dispatch import BACKENDS, BackendNotSupportedError, available_backends, use_backend
 from .ops.channel_attention import channel_attention, channel_attention_qkv
 from .ops.modulated_layer_norm import modulated_layer_norm
+from .ops.window_cross_attention import window_cross_attention
 
 __all__ = [
     "BACKENDS",
@@ -21,4 +23,5 @@ __all__ = [
     "modulated_layer_norm",
     "nn",
     "use_backend",
+    "window_cross_attention",
 ]

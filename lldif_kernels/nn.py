@@ -7,6 +7,8 @@ from torch import nn
 
 from .ops.channel_attention import channel_attention_qkv
 from .ops.modulated_layer_norm import modulated_layer_norm
+from .ops.window_cross_attention import window_cross_attention
+from .reference import relative_position_index
 
 
 class ModulatedLayerNorm(nn.Module):
@@ -67,3 +69,49 @@ class TransposedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.project_out.in_channels}, heads={self.heads}"
+
+
+class WindowCrossAttention(nn.Module):
+    """POSTER++'s global window attention (LLDif's DLNet attention, Eq. 5-7) on the fused op.
+
+    Keys and values come from the image tokens through one ``Linear(dim, 2·dim)``; the queries are given
+    (LLDif: landmark features), once per image, and serve all of that image's windows. Then attention with
+    a learned relative-position bias and an output ``Linear(dim, dim)``. Parameter and buffer names are
+    POSTER++'s (``qkv`` for the key/value projection, as POSTER++ calls it although it makes no queries,
+    ``proj``, ``relative_position_bias_table``, ``relative_position_index``), so its state dicts load
+    unchanged.
+
+    ``forward(x, q_global)``: ``x`` is ``(B·n_windows, M, dim)`` window tokens with ``M = window_size²``;
+    ``q_global`` is ``(B, heads, M, dim / heads)`` or POSTER++'s ``(B, 1, heads, M, dim / heads)``.
+    Returns ``(B·n_windows, M, dim)``.
+    """
+
+    def __init__(
+        self, dim: int, window_size: int, heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or heads < 1 or dim % heads:
+            raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        self.dim, self.window_size, self.heads, self.backend = dim, window_size, heads, backend
+        self.scale = qk_scale or (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
+        windows, tokens, dim = x.shape
+        head_dim = dim // self.heads
+        # Views of the projection: channel stride 1, read in place by the kernels.
+        k, v = self.qkv(x).view(windows, tokens, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q_global.reshape(q_global.shape[0], self.heads, tokens, head_dim)
+        out = window_cross_attention(q, k, v, self.relative_position_bias_table, self.window_size, self.scale,
+                                     backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(windows, tokens, dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window_size={self.window_size}, heads={self.heads}"

@@ -49,3 +49,31 @@ def channel_attention_qkv(qkv: torch.Tensor, temperature: torch.Tensor, heads: i
     batch, _, height, width = qkv.shape
     q, k, v = (t.reshape(batch, heads, -1, height * width) for t in qkv.chunk(3, dim=1))
     return channel_attention(q, k, v, temperature).reshape(batch, -1, height, width)
+
+
+def relative_position_index(window_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(M, M) table row of every (query, key) token pair of a window, Swin / POSTER++'s convention.
+
+    ``idx(i, j) = (r_i - r_j + ws - 1)(2ws - 1) + (c_i - c_j + ws - 1)`` for token ``i = r_i·ws + c_i``.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size, device=device),
+                                        torch.arange(window_size, device=device), indexing="ij")).flatten(1)
+    relative = coords[:, :, None] - coords[:, None, :] + window_size - 1
+    return relative[0] * (2 * window_size - 1) + relative[1]
+
+
+def window_cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_table: torch.Tensor, window_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(scale·q kᵀ + B_rel) v per window and head, POSTER++-style with the M x M bias materialised.
+
+    q is (Wq, heads, M, d) and serves W / Wq consecutive windows of the (W, heads, M, d) k, v.
+    """
+    windows, heads, tokens, dim = k.shape
+    scale = dim**-0.5 if scale is None else scale
+    bias = rel_pos_table[relative_position_index(window_size, k.device).reshape(-1)]
+    bias = bias.reshape(tokens, tokens, heads).permute(2, 0, 1).to(k.dtype)
+    q = q.reshape(q.shape[0], 1, heads, tokens, dim).expand(-1, windows // max(q.shape[0], 1), -1, -1, -1)
+    attention = (q * scale).reshape(windows, heads, tokens, dim) @ k.transpose(-2, -1) + bias
+    return attention.softmax(dim=-1) @ v
