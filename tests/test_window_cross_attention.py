@@ -40,6 +40,9 @@ def run(fn, inputs, grad_out, *args, **kwargs):
 def check_against_reference(backend, device, inputs, window_size, scale=None):
     """Compares output and every gradient with the float64 reference; returns (fused, exact)."""
     skip_unless_serves(backend, device, inputs[1].dtype)
+    declined = op_reasons(backend, *inputs[1].shape)
+    if declined:
+        pytest.skip(f"{backend} declines this shape: " + "; ".join(declined))
     grad_out = torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(1)).to(device, inputs[1].dtype)
     args = (window_size, scale)
     fused = run(lldif_kernels.window_cross_attention, inputs, grad_out, *args, backend=backend)
@@ -173,7 +176,9 @@ def test_gradcheck_float64(backend, device, q_grad):
     def fn(*tensors):
         return lldif_kernels.window_cross_attention(*tensors, 2, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    # The interpreter takes a second per call: check a random projection of the Jacobian there.
+    fast = (backend, device) == INTERPRETED
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
