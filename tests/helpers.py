@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 import torch
 
@@ -45,3 +47,12 @@ def assert_within_tolerance(
     eager_error = eager_errors.max().item() if eager_errors.numel() else 0.0
     assert error <= 2 * eager_error + atol, f"{name}: error {error:.3g} > 2 * eager {eager_error:.3g} + {atol:.3g}"
 
+
+
+def assert_compiled_gradients_match(step: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
+    """``torch.compile(step, fullgraph=True)`` traces without a graph break and gives eager's gradients."""
+    compiled = torch.compile(step, fullgraph=True)
+    eager_grads = torch.autograd.grad(step(*inputs), inputs)
+    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)

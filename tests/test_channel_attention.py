@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_within_tolerance, backend_params, skip_unless_serves
+from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
 from torch import nn
 
 import lldif_kernels
@@ -216,11 +216,7 @@ def test_torch_compile_fullgraph(packed):
         return out.square().sum()
 
     inputs = [x] if packed else [q, k, v, tau]
-    compiled = torch.compile(step, fullgraph=True)
-    eager_grads = torch.autograd.grad(step(*inputs), inputs)
-    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for got, want in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_compiled_gradients_match(step, inputs)
 
 
 def bad_calls():

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from helpers import assert_within_tolerance, backend_params, skip_unless_serves
+from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
 
 import lldif_kernels
 from lldif_kernels import BackendNotSupportedError, reference, use_backend
@@ -191,11 +191,7 @@ def test_torch_compile_fullgraph():
     def step(x, scale, shift, weight, bias):
         return lldif_kernels.modulated_layer_norm(x, scale, shift, weight, bias).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_grads = torch.autograd.grad(step(*inputs), inputs)
-    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for got, want in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_compiled_gradients_match(step, inputs)
 
 
 def bad_calls():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_within_tolerance, backend_params, skip_unless_serves
+from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
 from torch import nn
 
 import lldif_kernels
@@ -220,11 +220,7 @@ def test_torch_compile_fullgraph(module):
         out = layer(*tensors) if module else lldif_kernels.window_cross_attention(*tensors, 3)
         return out.square().sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_grads = torch.autograd.grad(step(*inputs), inputs)
-    compiled_grads = torch.autograd.grad(compiled(*inputs), inputs)
-    for got, want in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_compiled_gradients_match(step, inputs)
 
 
 def bad_calls():

@@ -12,10 +12,10 @@
 //   fwd -> out (W, heads, M, d) contiguous in q's dtype, and lse (W, heads, M) in the accumulation dtype:
 //          lse_i = log Σ_j exp(s_ij). A row whose logits are all -inf gets out 0 and lse +inf.
 //   bwd    takes dout (W, heads, M, d) contiguous in q's dtype and the forward's out and lse; recomputes
-//          P = exp(s - lse) and returns dq (q's shape, summed over the windows that share a query, in
-//          window order; an empty (0,) tensor when need_dq is false), dk, dv (W, heads, M, d) contiguous in
-//          q's dtype and dtable (table's shape, accumulation dtype). Bitwise repeatable: every sum over
-//          windows, heads or blocks runs in a fixed order, no floating-point atomics.
+//          P = exp(s - lse) and returns dq (q's shape, summed over the windows that share a query; an empty
+//          (0,) tensor when need_dq is false), dk, dv (W, heads, M, d) contiguous in q's dtype and dtable
+//          (table's shape, accumulation dtype). Bitwise repeatable: every sum over windows, heads or blocks
+//          runs in an order fixed by the shape, with no floating-point atomics.
 #pragma once
 
 #include <ATen/ATen.h>

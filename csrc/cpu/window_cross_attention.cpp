@@ -205,11 +205,22 @@ void grad_row(acc_t* s, acc_t* dp, const acc_t* bias, acc_t* dbias, int64_t m, a
 // padded with zeros to a whole number of column panels (kCols<float> is a multiple of kCols<double>).
 struct Layout {
   static constexpr int64_t kPadding = kCols<float>;
-  int64_t tokens, padded_tokens, dim, padded_dim;
+  int64_t tokens, padded_tokens, padded_dim;
 
   explicit Layout(const wca::Problem& p)
-      : tokens(p.tokens), padded_tokens(round_up(p.tokens, kPadding)), dim(p.dim),
-        padded_dim(round_up(p.dim, kPadding)) {}
+      : tokens(p.tokens), padded_tokens(round_up(p.tokens, kPadding)), padded_dim(round_up(p.dim, kPadding)) {}
+};
+
+// What both passes derive from the problem: the layout, every head's bias planes and the scale.
+template <typename acc_t>
+struct Setup {
+  Layout layout;
+  BiasPlanes bias;
+  std::vector<acc_t> planes;
+  acc_t scale;
+
+  explicit Setup(const wca::Problem& p)
+      : layout(p), bias(p.window_size), planes(expand_table<acc_t>(p, bias)), scale(static_cast<acc_t>(p.scale)) {}
 };
 
 template <typename scalar_t>
@@ -220,11 +231,10 @@ const scalar_t* slice(const at::Tensor& x, const wca::Strides& s, int64_t window
 template <typename scalar_t>
 void forward_kernel(const wca::Problem& p, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout l(p);
-  const BiasPlanes bias(p.window_size);
-  const std::vector<acc_t> planes = expand_table<acc_t>(p, bias);
-  const int64_t m = l.tokens, mp = l.padded_tokens, d = l.dim, dp = l.padded_dim;
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const Setup<acc_t> setup(p);
+  const BiasPlanes& bias = setup.bias;
+  const int64_t m = setup.layout.tokens, mp = setup.layout.padded_tokens, d = p.dim, dp = setup.layout.padded_dim;
+  const acc_t scale = setup.scale;
   at::parallel_for(0, p.windows * p.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q(m * d), kt(d * mp), v(m * dp), s(kBlockRows * mp), o(kBlockRows * dp);
     for (int64_t task = begin; task < end; ++task) {
@@ -232,7 +242,7 @@ void forward_kernel(const wca::Problem& p, at::Tensor& out, at::Tensor& lse) {
       stage_rows(slice<scalar_t>(p.q, p.q_strides, w / p.windows_per_query, h), p.q_strides.token, m, d, q.data(), d);
       stage_transposed(slice<scalar_t>(p.k, p.k_strides, w, h), p.k_strides.token, m, d, kt.data(), mp);
       stage_rows(slice<scalar_t>(p.v, p.v_strides, w, h), p.v_strides.token, m, d, v.data(), dp);
-      const acc_t* head_planes = planes.data() + h * bias.head_size();
+      const acc_t* head_planes = setup.planes.data() + h * bias.head_size();
       scalar_t* out_task = out.data_ptr<scalar_t>() + task * m * d;
       acc_t* lse_task = lse.data_ptr<acc_t>() + task * m;
       for (int64_t i0 = 0; i0 < m; i0 += kBlockRows) {
@@ -258,11 +268,10 @@ template <typename scalar_t>
 void backward_kernel(const wca::Problem& p, const wca::Saved& saved, bool need_dq, at::Tensor& dq, at::Tensor& dk,
                      at::Tensor& dv, at::Tensor& dtable) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Layout l(p);
-  const BiasPlanes bias(p.window_size);
-  const std::vector<acc_t> planes = expand_table<acc_t>(p, bias);
-  const int64_t m = l.tokens, mp = l.padded_tokens, d = l.dim, dp = l.padded_dim;
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const Setup<acc_t> setup(p);
+  const BiasPlanes& bias = setup.bias;
+  const int64_t m = setup.layout.tokens, mp = setup.layout.padded_tokens, d = p.dim, dp = setup.layout.padded_dim;
+  const acc_t scale = setup.scale;
   const int64_t tasks = p.query_windows * p.heads;
   std::vector<acc_t> table_partials(tasks * bias.table_rows);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -275,7 +284,7 @@ void backward_kernel(const wca::Problem& p, const wca::Saved& saved, bool need_d
       stage_rows(q_task, p.q_strides.token, m, d, q.data(), d);
       stage_transposed(q_task, p.q_strides.token, m, d, qt.data(), mp);
       std::fill(dplanes.begin(), dplanes.end(), acc_t(0));
-      const acc_t* head_planes = planes.data() + h * bias.head_size();
+      const acc_t* head_planes = setup.planes.data() + h * bias.head_size();
       for (int64_t w = wq * p.windows_per_query; w < (wq + 1) * p.windows_per_query; ++w) {
         const int64_t pair = w * p.heads + h;
         const scalar_t* k_task = slice<scalar_t>(p.k, p.k_strides, w, h);

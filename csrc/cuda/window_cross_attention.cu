@@ -256,6 +256,19 @@ struct Params {
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
+// Keys [key0, key0 + kKeys) of k and v, and their bias codes, into shared memory. The barrier before keeps the
+// previous tile until every thread is done with it; the one after publishes the new one.
+template <int kCover, int kKeys, typename T, typename A>
+__device__ __forceinline__ void stage_key_tile(const Params<T>& p, const T* k_head, const T* v_head, int key0,
+                                               A* k_tile, A* v_tile, int* codes) {
+  const int M = p.tokens, d = p.dim, ws = p.window_size;
+  __syncthreads();
+  load_tile<kCover, kKeys>(k_tile, k_head, p.ks.token, key0, M, d);
+  load_tile<kCover, kKeys>(v_tile, v_head, p.vs.token, key0, M, d);
+  if (threadIdx.x < kKeys) codes[threadIdx.x] = key_code(key0 + threadIdx.x, M, ws);
+  __syncthreads();
+}
+
 template <typename T, int kCover>
 __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_constant__ Params<T> p) {
   using A = Acc<T>;
@@ -284,11 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_const
   A acc[L::kSlice] = {};
   A row_max = A(-INFINITY), row_sum = A(0);  // row_max in log2 units
   for (int key0 = 0; key0 < M; key0 += kKeys) {
-    __syncthreads();
-    load_tile<kCover, kKeys>(k_tile, k_head, p.ks.token, key0, M, d);
-    load_tile<kCover, kKeys>(v_tile, v_head, p.vs.token, key0, M, d);
-    if (threadIdx.x < kKeys) codes[threadIdx.x] = key_code(key0 + threadIdx.x, M, ws);
-    __syncthreads();
+    stage_key_tile<kCover, kKeys>(p, k_head, v_head, key0, k_tile, v_tile, codes);
     const int first = key0 + lane.split * kStep;
     if (first >= M) continue;  // warp-uniform
     const A* k_rows = k_tile + lane.split * kStep * kCover;
@@ -523,11 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_dq_kernel(const __grid_consta
     const T* k_head = p.k + w * p.ks.window + h * p.ks.head;
     const T* v_head = p.v + w * p.vs.window + h * p.vs.head;
     for (int key0 = 0; key0 < M; key0 += kKeys) {
-      __syncthreads();
-      load_tile<kCover, kKeys>(k_tile, k_head, p.ks.token, key0, M, d);
-      load_tile<kCover, kKeys>(v_tile, v_head, p.vs.token, key0, M, d);
-      if (threadIdx.x < kKeys) codes[threadIdx.x] = key_code(key0 + threadIdx.x, M, ws);
-      __syncthreads();
+      stage_key_tile<kCover, kKeys>(p, k_head, v_head, key0, k_tile, v_tile, codes);
       const int first = key0 + lane.split * kStep;
       if (first >= M) continue;  // warp-uniform
 #pragma unroll 1

@@ -11,36 +11,20 @@ given, so the packed variant gets one (B, 3C, H, W) gradient without a concatena
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import _extension, dispatch, reference
 from ..profiling import nvtx_range
+from ._kernels import accumulation_dtype, check_tensor, kernels
 
 OP = "channel_attention"
 
 
-def _native_kernels() -> tuple[Callable, Callable]:
-    return torch.ops.lldif_native.channel_attention_fwd, torch.ops.lldif_native.channel_attention_bwd
-
-
-def _triton_kernels() -> tuple[Callable, Callable]:
-    from ..triton import channel_attention as kernels
-
-    return kernels.channel_attention_forward, kernels.channel_attention_backward
-
-
-_KERNELS = {"cpp": _native_kernels, "cuda": _native_kernels, "triton": _triton_kernels}
-
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _stats_like(x: torch.Tensor, batch: int, heads: int, dim: int) -> tuple[torch.Tensor, ...]:
     """Empty cosine (B, heads, d, d), q_norm and k_norm (B, heads, d), as the forward kernels return them."""
-    dtype = _accumulation_dtype(x)
+    dtype = accumulation_dtype(x)
     return (x.new_empty((batch, heads, dim, dim), dtype=dtype), x.new_empty((batch, heads, dim), dtype=dtype),
             x.new_empty((batch, heads, dim), dtype=dtype))
 
@@ -50,7 +34,7 @@ def _forward_like(q: torch.Tensor, *_: object) -> tuple[torch.Tensor, ...]:
 
 
 def _backward_like(dout: torch.Tensor, q: torch.Tensor, *_: object) -> torch.Tensor:
-    return q.new_empty(q.shape[:2], dtype=_accumulation_dtype(q))
+    return q.new_empty(q.shape[:2], dtype=accumulation_dtype(q))
 
 
 if _extension.CPP_UNAVAILABLE is None:
@@ -59,14 +43,14 @@ if _extension.CPP_UNAVAILABLE is None:
 
 
 def _run_forward(q, k, v, temperature, backend) -> tuple[torch.Tensor, ...]:
-    forward, _ = _KERNELS[backend]()
+    forward, _ = kernels(OP, backend)
     with nvtx_range(f"lldif::{OP}:fwd"):
         return forward(q, k, v, temperature)
 
 
 def _run_backward(dout, q, k, v, temperature, cosine, q_norm, k_norm, grads, backend) -> torch.Tensor:
     """Writes dq, dk, dv into ``grads``; returns dτ (heads,), summed over samples in a fixed order."""
-    _, backward = _KERNELS[backend]()
+    _, backward = kernels(OP, backend)
     with nvtx_range(f"lldif::{OP}:bwd"):
         return backward(dout, q, k, v, temperature, cosine, q_norm, k_norm, *grads).sum(0)
 
@@ -103,7 +87,7 @@ def _channel_attention_backward(
 @_channel_attention_backward.register_fake
 def _(dout, q, *_):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(
-        q.shape[1], dtype=_accumulation_dtype(q))
+        q.shape[1], dtype=accumulation_dtype(q))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -177,18 +161,8 @@ _channel_attention_qkv.register_autograd(_backward_qkv, setup_context=_setup_con
 # Public functions.
 
 
-def _check_tensor(name: str, t: object, device: torch.device | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    return t
-
-
-def _check_temperature(temperature: object, heads: int, device: torch.device) -> torch.Tensor:
-    _check_tensor("temperature", temperature, device)
+def _check_temperature(temperature: object, heads: int, like: tuple[str, torch.Tensor]) -> torch.Tensor:
+    check_tensor("temperature", temperature, like)
     if tuple(temperature.shape) not in ((heads,), (heads, 1, 1)):
         raise ValueError(f"temperature must be (heads,) or (heads, 1, 1) with heads={heads}, "
                          f"got {tuple(temperature.shape)}")
@@ -196,11 +170,11 @@ def _check_temperature(temperature: object, heads: int, device: torch.device) ->
 
 
 def _check_qkv(q: object, k: object, v: object) -> None:
-    _check_tensor("q", q)
+    check_tensor("q", q)
     if q.dim() != 4 or q.shape[1] == 0 or q.shape[2] == 0:
         raise ValueError(f"q must be (B, heads, d, N) with heads, d >= 1, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        _check_tensor(name, t, q.device)
+        check_tensor(name, t, ("q", q))
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
@@ -226,7 +200,7 @@ def op_reasons(backend: str, batch: int, heads: int, dim: int, positions: int) -
 
 def _kernel_temperature(temperature: torch.Tensor, heads: int, like: torch.Tensor) -> torch.Tensor:
     """(heads,) in the kernels' accumulation dtype; autograd carries dτ back through the reshape and cast."""
-    return temperature.reshape(heads).to(_accumulation_dtype(like)).contiguous()
+    return temperature.reshape(heads).to(accumulation_dtype(like)).contiguous()
 
 
 def channel_attention(
@@ -246,7 +220,7 @@ def channel_attention(
     """
     _check_qkv(q, k, v)
     batch, heads, dim, positions = q.shape
-    _check_temperature(temperature, heads, q.device)
+    _check_temperature(temperature, heads, ("q", q))
     chosen = dispatch.select(OP, backend, (q, k, v, temperature),
                              lambda b: op_reasons(b, batch, heads, dim, positions))
     if chosen == "reference":
@@ -266,12 +240,12 @@ def channel_attention_qkv(
     groups of ``d = C / heads``, exactly as Restormer's ``Attention`` reshapes them. Returns ``(B, C, H, W)``;
     the gradient of ``qkv`` is one contiguous tensor.
     """
-    _check_tensor("qkv", qkv)
+    check_tensor("qkv", qkv)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be an int >= 1, got {heads!r}")
     if qkv.dim() != 4 or qkv.shape[1] == 0 or qkv.shape[1] % (3 * heads):
         raise ValueError(f"qkv must be (B, 3C, H, W) with C a multiple of heads={heads}, got {tuple(qkv.shape)}")
-    _check_temperature(temperature, heads, qkv.device)
+    _check_temperature(temperature, heads, ("qkv", qkv))
     batch, channels3, height, width = qkv.shape
     chosen = dispatch.select(OP, backend, (qkv, temperature),
                              lambda b: op_reasons(b, batch, heads, channels3 // (3 * heads), height * width))

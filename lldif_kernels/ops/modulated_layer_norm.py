@@ -9,28 +9,17 @@ so autograd carries ``da`` and ``de`` back to scale, shift, weight and bias.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from .. import _extension, dispatch, reference
 from .._layout import canonical, channels_and_positions
 from ..profiling import nvtx_range
+from ._kernels import kernels
 
 OP = "modulated_layer_norm"
 
 
-def _native_kernels() -> tuple[Callable, Callable]:
-    return torch.ops.lldif_native.modulated_layer_norm_fwd, torch.ops.lldif_native.modulated_layer_norm_bwd
-
-
-def _triton_kernels() -> tuple[Callable, Callable]:
-    from ..triton import modulated_layer_norm as kernels
-
-    return kernels.modulated_layer_norm_forward, kernels.modulated_layer_norm_backward
-
-
-_KERNELS = {"cpp": _native_kernels, "cuda": _native_kernels, "triton": _triton_kernels}
 
 
 def _forward_like(x: torch.Tensor, a: torch.Tensor, *_: object) -> torch.Tensor:
@@ -50,7 +39,7 @@ if _extension.CPP_UNAVAILABLE is None:
 def _modulated_layer_norm(
     x: torch.Tensor, a: torch.Tensor, e: torch.Tensor, eps: float, bias_free: bool, backend: str
 ) -> torch.Tensor:
-    forward, _ = _KERNELS[backend]()
+    forward, _ = kernels(OP, backend)
     with nvtx_range(f"lldif::{OP}:fwd"):
         return forward(x, a, e, eps, bias_free)
 
@@ -62,7 +51,7 @@ _modulated_layer_norm.register_fake(_forward_like)
 def _modulated_layer_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, eps: float, bias_free: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, backward = _KERNELS[backend]()
+    _, backward = kernels(OP, backend)
     with nvtx_range(f"lldif::{OP}:bwd"):
         return backward(dy, x, a, eps, bias_free)
 

@@ -12,35 +12,20 @@ network) and reduces the table gradient in a fixed order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from .. import _extension, dispatch, reference
 from ..profiling import nvtx_range
+from ._kernels import accumulation_dtype, check_tensor, kernels
 
 OP = "window_cross_attention"
 
 
-def _native_kernels() -> tuple[Callable, Callable]:
-    return torch.ops.lldif_native.window_cross_attention_fwd, torch.ops.lldif_native.window_cross_attention_bwd
-
-
-def _triton_kernels() -> tuple[Callable, Callable]:
-    from ..triton import window_cross_attention as kernels
-
-    return kernels.window_cross_attention_forward, kernels.window_cross_attention_backward
-
-
-_KERNELS = {"cpp": _native_kernels, "cuda": _native_kernels, "triton": _triton_kernels}
-
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _forward_like(q, k, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
-    return k.new_empty(k.shape), k.new_empty(k.shape[:3], dtype=_accumulation_dtype(k))
+    return k.new_empty(k.shape), k.new_empty(k.shape[:3], dtype=accumulation_dtype(k))
 
 
 def _backward_like(dout, q, k, v, table, out, lse, window_size, scale, need_dq, *_: object) -> tuple[torch.Tensor, ...]:
@@ -58,7 +43,7 @@ def _window_cross_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, window_size: int, scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    forward, _ = _KERNELS[backend]()
+    forward, _ = kernels(OP, backend)
     with nvtx_range(f"lldif::{OP}:fwd"):
         return forward(q, k, v, table, window_size, scale)
 
@@ -71,7 +56,7 @@ def _window_cross_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, window_size: int, scale: float, need_dq: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, backward = _KERNELS[backend]()
+    _, backward = kernels(OP, backend)
     # Gradients often arrive as stride-0 expands or in another dtype; the kernels take dout like out.
     dout = dout.to(out.dtype).contiguous()
     with nvtx_range(f"lldif::{OP}:bwd"):
@@ -100,19 +85,9 @@ def _backward(ctx, grad, _grad_lse) -> tuple:
 _window_cross_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_tensor(name: str, t: object, like: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but k is on {like.device}")
-    return t
-
-
 def _check_inputs(q: object, k: object, v: object, table: object, window_size: object, scale: object) -> float:
     """Raises naming the first bad argument; returns the scale to use."""
-    _check_tensor("k", k)
+    check_tensor("k", k)
     if k.dim() != 4 or 0 in k.shape[1:]:
         raise ValueError(f"k must be (windows, heads, M, d) with heads, M, d >= 1, got shape {tuple(k.shape)}")
     windows, heads, tokens, dim = k.shape
@@ -122,7 +97,7 @@ def _check_inputs(q: object, k: object, v: object, table: object, window_size: o
         raise ValueError(f"k has M={tokens} tokens per window, but window_size={window_size} needs "
                          f"M = window_size² = {window_size**2}")
     for name, t in (("q", q), ("v", v)):
-        _check_tensor(name, t, k)
+        check_tensor(name, t, ("k", k))
         if t.dtype != k.dtype:
             raise TypeError(f"{name} must have k's dtype {k.dtype}, got {t.dtype}")
     if v.shape != k.shape:
@@ -134,7 +109,7 @@ def _check_inputs(q: object, k: object, v: object, table: object, window_size: o
     if (query_windows == 0) != (windows == 0) or (query_windows and windows % query_windows):
         raise ValueError(f"q's {query_windows} windows must divide k's {windows} windows (one query per image "
                          f"serves that image's windows)")
-    _check_tensor("rel_pos_table", table, k)
+    check_tensor("rel_pos_table", table, ("k", k))
     rows = (2 * window_size - 1) ** 2
     if tuple(table.shape) != (rows, heads):
         raise ValueError(f"rel_pos_table must be ((2·window_size-1)², heads) = ({rows}, {heads}), "
@@ -196,6 +171,6 @@ def window_cross_attention(
                              lambda b: op_reasons(b, windows, heads, tokens, dim))
     if chosen == "reference":
         return reference.window_cross_attention(q, k, v, rel_pos_table, window_size, scale)
-    table = rel_pos_table.to(_accumulation_dtype(k)).contiguous()
+    table = rel_pos_table.to(accumulation_dtype(k)).contiguous()
     q, k, v = (_channel_stride_one(t) for t in (q, k, v))
     return _window_cross_attention(q, k, v, table, window_size, scale, chosen)[0]

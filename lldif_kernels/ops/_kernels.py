@@ -1,0 +1,36 @@
+"""What the op modules share: a backend's kernels by the op's name, the accumulation dtype, tensor checks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+
+def kernels(op: str, backend: str) -> tuple[Callable, Callable]:
+    """(forward, backward) kernels of ``op`` on a fused backend, found by the names every op uses:
+    ``lldif_native::<op>_fwd`` / ``_bwd`` for cpp and cuda (the dispatcher routes by device), and
+    ``<op>_forward`` / ``<op>_backward`` in ``lldif_kernels.triton.<op>``, imported on first use."""
+    if backend == "triton":
+        module = importlib.import_module(f"lldif_kernels.triton.{op}")
+        return getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
+    native = torch.ops.lldif_native
+    return getattr(native, f"{op}_fwd"), getattr(native, f"{op}_bwd")
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for every input dtype but float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_tensor(name: str, t: object, like: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """A floating-point tensor, on the device of ``like = (its name, tensor)`` when given; else raises
+    naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None and t.device != like[1].device:
+        raise ValueError(f"{name} is on {t.device} but {like[0]} is on {like[1].device}")
+    return t
