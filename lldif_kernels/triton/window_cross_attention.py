@@ -89,32 +89,10 @@ def _scale(scale, scale_residual, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _channel_dot_32(a, b, DOT_PRECISION: tl.constexpr):
-    """a bᵀ over at most 64 channels, as two dots of interleaved halves past 32."""
-    if a.shape[1] > 32:
-        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
-        b0, b1 = tl.split(tl.reshape(b, (b.shape[0], b.shape[1] // 2, 2)))
-        return tl.dot(a1, tl.trans(b1), tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION),
-                      input_precision=DOT_PRECISION)
-    return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _channel_dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a bᵀ over the channels, in dots of at most 32 interleaved channels: the float32 FMA dot holds a thread's
-    whole K extent of both operands in registers, and one K = 128 dot spilled."""
-    if a.shape[1] > 64:
-        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
-        b0, b1 = tl.split(tl.reshape(b, (b.shape[0], b.shape[1] // 2, 2)))
-        return _channel_dot_32(a0, b0, DOT_PRECISION) + _channel_dot_32(a1, b1, DOT_PRECISION)
-    return _channel_dot_32(a, b, DOT_PRECISION)
-
-
-@triton.jit
 def _logits(q, k, table_ptr, head, heads, scale, q_rows, q_cols, q_valid, k_rows, k_cols, k_valid, S,
             DOT_PRECISION: tl.constexpr):
     """s = scale q kᵀ + table[idx, head]; -inf at padding, so padded keys leave every softmax."""
-    dots = _channel_dot(q, k, DOT_PRECISION)
+    dots = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     bins = (q_rows[:, None] - k_rows[None, :] + S - 1) * (2 * S - 1) + (q_cols[:, None] - k_cols[None, :] + S - 1)
     valid = q_valid[:, None] & k_valid[None, :]
     bias = tl.load(table_ptr + (bins * heads + head), mask=valid, other=float("-inf"))
@@ -246,7 +224,7 @@ def _wca_bwd_dkdv_kernel(
                     DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
         dv = tl.dot(tl.trans(p), dout, dv, input_precision=DOT_PRECISION)
-        dp = _channel_dot(dout, v, DOT_PRECISION)
+        dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=DOT_PRECISION)
         sums = _diagonal_sums(ds, S, ROWS_Q, ROWS_K, BLOCK_C, BLOCK_E)
@@ -297,7 +275,7 @@ def _wca_bwd_dq_kernel(
             s = _logits(q, k, table_ptr, head, heads, scale, q_rows, q_cols, q_valid, k_rows, k_cols, k_valid, S,
                         DOT_PRECISION)
             p = tl.exp(s - lse[:, None])
-            dp = _channel_dot(dout, v, DOT_PRECISION)
+            dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
             dq = tl.dot(p * (dp - delta[:, None]), k, dq, input_precision=DOT_PRECISION)
 
     dq_offsets, _ = _contiguous_offsets(q_pair, q_tokens, S, D, BLOCK_D)
@@ -349,27 +327,22 @@ class _Config(NamedTuple):
     dq: _Tiles
 
 
-def _launch_config(window_size: int, dim: int, fp64: bool) -> _Config:
+def _launch_config(window_size: int, dim: int) -> _Config:
     """Sizes that compile without register spills on sm_80 and sm_90 up to d = MAX_DIM, float64 included.
 
     float32 ``tl.dot`` at ``input_precision="ieee"`` runs on FMA units and holds a thread's whole slice of both
-    operands in registers, so tiles hold 32 or 64 tokens (64 x 64 spilled) at 8 warps, and 32 x 32 from d = 64
-    on and in the key-tile backward, where the k, v, dk and dv tiles fill the registers. A tile never holds fewer
-    than 16 tokens (tl.dot's minimum) or more rows than the window (no all-padding rows).
+    operands in registers, so tiles hold 64 (query) by 32 (key) tokens at 8 warps (64 x 64 spilled), and
+    32 x 32 in the key-tile backward, where the k, v, dk and dv tiles fill the registers. A tile never holds
+    fewer than 16 tokens (tl.dot's minimum) or more rows than the window (no all-padding rows).
     """
     block_c = triton.next_power_of_2(window_size)
-    block_d = max(triton.next_power_of_2(dim), 16)
 
-    def tiles(tokens_q: int, tokens_k: int, warps: int) -> _Tiles:
-        rows_q, rows_k = (max(min(tokens // block_c, triton.next_power_of_2(window_size)), 16 // block_c, 1)
-                          for tokens in (tokens_q, tokens_k))
-        return _Tiles(rows_q, rows_k, warps)
+    def tiles(tokens_q: int, tokens_k: int) -> _Tiles:
+        rows_q, rows_k = (max(min(tokens // block_c, block_c), 16 // block_c, 1) for tokens in (tokens_q, tokens_k))
+        return _Tiles(rows_q, rows_k, 8)
 
-    if block_d <= 32:
-        return _Config(block_c, block_d, 2 * block_c, fwd=tiles(64, 32, 8), dkdv=tiles(32, 32, 8),
-                       dq=tiles(64, 32, 8))
-    return _Config(block_c, block_d, 2 * block_c, fwd=tiles(32, 32, 4 if block_d > 64 else 8),
-                   dkdv=tiles(32, 32, 8), dq=tiles(32, 32, 8))
+    return _Config(block_c, max(triton.next_power_of_2(dim), 16), 2 * block_c, fwd=tiles(64, 32),
+                   dkdv=tiles(32, 32), dq=tiles(64, 32))
 
 
 def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
@@ -444,7 +417,7 @@ def window_cross_attention_forward(
     lse = torch.empty((windows, heads, tokens), dtype=acc_dtype, device=k.device)
     if windows == 0:
         return out, lse
-    config = _launch_config(window_size, dim, acc_dtype == torch.float64)
+    config = _launch_config(window_size, dim)
     tiles = config.fwd
     _wca_fwd_kernel[(windows * heads, triton.cdiv(window_size, tiles.rows_q))](
         q, k, v, table, out, lse, *_problem_arguments(q, k, v, window_size, scale),
@@ -484,7 +457,7 @@ def window_cross_attention_backward(
         return dq, dk, dv, dtable.zero_()
 
     acc = _accumulator(k.dtype)[1]
-    config = _launch_config(window_size, dim, acc_dtype == torch.float64)
+    config = _launch_config(window_size, dim)
     delta = torch.empty((windows, heads, tokens), dtype=acc_dtype, device=k.device)
     rows = windows * heads * tokens
     _wca_bwd_delta_kernel[(triton.cdiv(rows, _DELTA_ROWS),)](
@@ -527,7 +500,7 @@ def _compile_check_case(
     """AOT signature of ``kernel`` as the JIT specialises it for a contiguous q (one window per image, as in
     LLDif), k and v viewed from a packed contiguous (W, M, 2, heads, d) kv, and contiguous dout (integer
     arguments equal to 1 become constexprs, multiples of 16 are marked divisible)."""
-    config = _launch_config(window_size, dim, dtype == "fp64")
+    config = _launch_config(window_size, dim)
     tokens = window_size**2
     q_strides = (heads * tokens * dim, tokens * dim, dim)
     kv_strides = (tokens * 2 * heads * dim, dim, 2 * heads * dim)
