@@ -20,8 +20,6 @@ from ._kernels import accumulation_dtype, check_tensor, kernels
 OP = "channel_attention"
 
 
-
-
 def _stats_like(x: torch.Tensor, batch: int, heads: int, dim: int) -> tuple[torch.Tensor, ...]:
     """Empty cosine (B, heads, d, d), q_norm and k_norm (B, heads, d), as the forward kernels return them."""
     dtype = accumulation_dtype(x)

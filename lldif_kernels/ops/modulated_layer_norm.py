@@ -20,8 +20,6 @@ from ._kernels import kernels
 OP = "modulated_layer_norm"
 
 
-
-
 def _forward_like(x: torch.Tensor, a: torch.Tensor, *_: object) -> torch.Tensor:
     return torch.empty_like(canonical(x))
 

@@ -22,8 +22,6 @@ from ._kernels import accumulation_dtype, check_tensor, kernels
 OP = "window_cross_attention"
 
 
-
-
 def _forward_like(q, k, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
     return k.new_empty(k.shape), k.new_empty(k.shape[:3], dtype=accumulation_dtype(k))
 
