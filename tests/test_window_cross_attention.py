@@ -156,6 +156,19 @@ def test_rows_of_minus_infinity_give_zero(backend, device):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+# The interpreter's numpy max over the nan row warns; the kernel's result is what is checked.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_nan_stays_in_its_row(backend, device):
+    skip_unless_serves(backend, device)
+    q, k, v, table = (t.detach() for t in make_inputs(1, 2, 2, 2, 8, device=device))
+    q[0, 1, 3, 5] = float("nan")
+    out = lldif_kernels.window_cross_attention(q, k, v, table, 2, backend=backend)
+    assert out[:, 1, 3].isnan().all()
+    out[:, 1, 3] = 0.0
+    assert out.isfinite().all()
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_empty_batch(backend, device):
     skip_unless_serves(backend, device)

@@ -52,14 +52,15 @@ inline vec_t<acc_t> select(ivec_t<acc_t> mask, vec_t<acc_t> yes, vec_t<acc_t> no
                                         (reinterpret_cast<ivec_t<acc_t>>(no) & ~mask));
 }
 
-// exp of every lane; 0 below the smallest normal result, so exp(-inf) = 0 (a row's lse of +inf gives P = 0).
+// exp of every lane; 0 below the smallest normal result, so exp(-inf) = 0 (a row's lse of +inf gives P = 0),
+// and nan for nan, so a nan logit spoils its row as it does in eager.
 // float: 2^n · e^r with n = round(x / ln 2) and Cephes' degree-6 polynomial for e^r on |r| <= ln2 / 2,
 // accurate to about 1 ulp, which keeps the kernel within the float32 tolerance of eager's softmax.
 inline vec_t<float> exp_lanes(vec_t<float> x) {
   using V = vec_t<float>;
   using I = ivec_t<float>;
   constexpr float kLow = -87.33654f, kHigh = 88.37626f;
-  const I keep = x >= kLow;
+  const I keep = ~(x < kLow);
   x = select<float>(x > kHigh, V{} + kHigh, select<float>(keep, x, V{} + kLow));
   constexpr float kRound = 12582912.0f;  // 1.5 · 2^23: adding it rounds to an integer
   const V n = (x * 1.44269504088896341f + kRound) - kRound;
@@ -155,14 +156,16 @@ std::pair<acc_t, acc_t> softmax_row(acc_t* s, const acc_t* bias, int64_t m, acc_
   const acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
   vec_t<acc_t> vmax = vec_t<acc_t>{} + minus_inf;
   int64_t j = 0;
+  // Maxima that keep a nan once they meet one, so a nan logit makes its row nan rather than a row of zeros.
   for (; j + L <= m; j += L) {
     const vec_t<acc_t> x = scale * load(s + j) + load(bias + j);
     store(s + j, x);
-    vmax = select<acc_t>(x > vmax, x, vmax);
+    vmax = select<acc_t>((x > vmax) | (x != x), x, vmax);
   }
   acc_t max = minus_inf;
-  for (int64_t l = 0; l < L; ++l) max = std::max(max, vmax[l]);
-  for (; j < m; ++j) max = std::max(max, s[j] = scale * s[j] + bias[j]);
+  const auto keep_nan_max = [&max](acc_t x) { max = x > max || x != x ? x : max; };
+  for (int64_t l = 0; l < L; ++l) keep_nan_max(vmax[l]);
+  for (; j < m; ++j) keep_nan_max(s[j] = scale * s[j] + bias[j]);
   if (max == minus_inf) {
     std::fill(s, s + m, acc_t(0));
     return {max, acc_t(0)};
