@@ -104,8 +104,16 @@ class WindowCrossAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
-        windows, tokens, dim = x.shape
-        head_dim = dim // self.heads
+        tokens, dim, head_dim = self.window_size**2, self.dim, self.dim // self.heads
+        if x.dim() != 3 or tuple(x.shape[1:]) != (tokens, dim):
+            raise ValueError(f"x must be (B·n_windows, {tokens}, {dim}) window tokens, got {tuple(x.shape)}")
+        windows, query = x.shape[0], (self.heads, tokens, head_dim)
+        images = q_global.shape[0] if q_global.dim() else 0
+        if (tuple(q_global.shape[-3:]) != query or q_global.shape[1:-3] not in ((), (1,))
+                or (images == 0) != (windows == 0) or (images and windows % images)):
+            shape = ", ".join(map(str, query))
+            raise ValueError(f"q_global must be (B, {shape}) or POSTER++'s (B, 1, {shape}) with B dividing x's "
+                             f"{windows} windows, got {tuple(q_global.shape)}")
         # Views of the projection: channel stride 1, read in place by the kernels.
         k, v = self.qkv(x).view(windows, tokens, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = q_global.reshape(q_global.shape[0], self.heads, tokens, head_dim)

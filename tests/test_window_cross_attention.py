@@ -335,3 +335,18 @@ def test_module_loads_poster_state_dict_and_matches(qkv_bias, dim, heads, window
 def test_module_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="multiple of heads"):
         WindowCrossAttention(10, 7, 3)
+
+
+@pytest.mark.parametrize(("argument", "x_shape", "q_shape"), [
+    ("x", (2, 9, 12), (2, 2, 9, 8)),
+    ("x", (2, 16, 16), (2, 2, 9, 8)),
+    ("x", (18, 16), (2, 2, 9, 8)),
+    ("q_global", (2, 9, 16), (2, 4, 9, 4)),
+    ("q_global", (2, 9, 16), (2, 2, 2, 9, 8)),
+    ("q_global", (2, 9, 16), (2, 18, 8)),
+    ("q_global", (4, 9, 16), (3, 2, 9, 8)),
+])
+def test_module_bad_inputs_name_the_argument(argument, x_shape, q_shape):
+    layer = WindowCrossAttention(16, 3, 2)
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        layer(torch.randn(x_shape), torch.randn(q_shape))
