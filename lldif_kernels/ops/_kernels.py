@@ -34,3 +34,17 @@ def check_tensor(name: str, t: object, like: tuple[str, torch.Tensor] | None = N
     if like is not None and t.device != like[1].device:
         raise ValueError(f"{name} is on {t.device} but {like[0]} is on {like[1].device}")
     return t
+
+
+def kernel_limit_reasons(op: str, backend: str, dim: int, cuda_max_dim: int, *shape: int) -> list[str]:
+    """Why ``op``'s kernels on ``backend`` cannot serve a shape, beyond the dispatcher's availability, device
+    and dtype checks: the CUDA kernels' head-dimension limit, or the Triton module's ``limit_reasons(*shape)``."""
+    if backend == "cuda" and dim > cuda_max_dim:
+        return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {cuda_max_dim}"]
+    if backend != "triton":
+        return []
+    try:
+        module = importlib.import_module(f"lldif_kernels.triton.{op}")
+    except ImportError:  # the dispatcher already says that triton is missing
+        return []
+    return module.limit_reasons(*shape)

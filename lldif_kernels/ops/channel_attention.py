@@ -15,7 +15,7 @@ import torch
 
 from .. import _extension, dispatch, reference
 from ..profiling import nvtx_range
-from ._kernels import accumulation_dtype, check_tensor, kernels
+from ._kernels import accumulation_dtype, check_tensor, kernel_limit_reasons, kernels
 
 OP = "channel_attention"
 
@@ -185,15 +185,7 @@ CUDA_MAX_HEAD_DIM = 128
 
 def op_reasons(backend: str, batch: int, heads: int, dim: int, positions: int) -> list[str]:
     """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
-    if backend == "cuda" and dim > CUDA_MAX_HEAD_DIM:
-        return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {CUDA_MAX_HEAD_DIM}"]
-    if backend != "triton":
-        return []
-    try:
-        from ..triton.channel_attention import limit_reasons
-    except ImportError:  # the dispatcher already says that triton is missing
-        return []
-    return limit_reasons(batch, heads, dim, positions)
+    return kernel_limit_reasons(OP, backend, dim, CUDA_MAX_HEAD_DIM, batch, heads, dim, positions)
 
 
 def _kernel_temperature(temperature: torch.Tensor, heads: int, like: torch.Tensor) -> torch.Tensor:

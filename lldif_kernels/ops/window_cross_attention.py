@@ -17,7 +17,7 @@ import torch
 
 from .. import _extension, dispatch, reference
 from ..profiling import nvtx_range
-from ._kernels import accumulation_dtype, check_tensor, kernels
+from ._kernels import accumulation_dtype, check_tensor, kernel_limit_reasons, kernels
 
 OP = "window_cross_attention"
 
@@ -125,15 +125,7 @@ CUDA_MAX_HEAD_DIM = 128
 
 def op_reasons(backend: str, windows: int, heads: int, tokens: int, dim: int) -> list[str]:
     """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
-    if backend == "cuda" and dim > CUDA_MAX_HEAD_DIM:
-        return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {CUDA_MAX_HEAD_DIM}"]
-    if backend != "triton":
-        return []
-    try:
-        from ..triton.window_cross_attention import limit_reasons
-    except ImportError:  # the dispatcher already says that triton is missing
-        return []
-    return limit_reasons(windows, heads, tokens, dim)
+    return kernel_limit_reasons(OP, backend, dim, CUDA_MAX_HEAD_DIM, windows, heads, tokens, dim)
 
 
 def _channel_stride_one(x: torch.Tensor) -> torch.Tensor:
