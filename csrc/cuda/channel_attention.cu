@@ -12,8 +12,7 @@
 // All sums run in float (double for double inputs) and in a fixed order, so results are bitwise repeatable.
 //
 // This file deliberately includes no torch header (its 48 kernel instantiations already take a while to
-// compile); the ATen glue is channel_attention_glue.cpp, which must declare ChaDtype, ChaStrides, ChaShape
-// and the launchers exactly as below.
+// compile); the ATen glue is channel_attention_glue.cpp; both include channel_attention_launch.h.
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -23,20 +22,9 @@
 #include <type_traits>
 
 #include "element_types.cuh"
+#include "channel_attention_launch.h"
 
 namespace lldif_kernels {
-
-enum class ChaDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// Element strides of a (B, heads, d, N) tensor whose position stride is 1.
-struct ChaStrides {
-  int64_t batch, head, dim;
-};
-
-struct ChaShape {
-  int64_t batch, heads, dim, positions;
-  ChaStrides inputs;  // shared by q, k and v
-};
 
 namespace {
 
@@ -77,6 +65,7 @@ constexpr int64_t chunk_of(int64_t pairs, int64_t positions) {
 }
 
 using device::Acc;
+using device::with_element_type;
 using device::store;
 using device::widen;
 
@@ -528,17 +517,6 @@ __global__ void __launch_bounds__(kThreads, blocks_for((kCover / kWarps + 5) * k
 // ---------------------------------------------------------------------------------------------------------
 // Launch plumbing.
 
-template <typename F>
-cudaError_t with_element_type(ChaDtype dtype, F&& f) {
-  switch (dtype) {
-    case ChaDtype::kFloat32: return f(float{});
-    case ChaDtype::kFloat16: return f(__half{});
-    case ChaDtype::kBFloat16: return f(__nv_bfloat16{});
-    case ChaDtype::kFloat64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Calls f with the kernels' row cover as a std::integral_constant: the smallest of 16, 32, 48, 64, 96, 128
 // that is >= d (a few sizes keep the instantiations few; d = 48 of LLDif is one of them).
 template <int kCover>
@@ -629,8 +607,8 @@ int64_t channel_attention_splits(int64_t batch, int64_t heads, int64_t positions
 // The kernels' limits, checked by the glue: d <= max_dim, and B * heads times splits or position tiles
 // within INT32_MAX (x dimension of the grid).
 int64_t channel_attention_max_dim() { return kMaxDim; }
-int64_t channel_attention_position_tiles(ChaDtype dtype, int64_t positions) {
-  return dtype == ChaDtype::kFloat64 ? position_tiles<double>(positions) : position_tiles<float>(positions);
+int64_t channel_attention_position_tiles(ElementType dtype, int64_t positions) {
+  return dtype == ElementType::kFloat64 ? position_tiles<double>(positions) : position_tiles<float>(positions);
 }
 
 // q, k, v: the element type of dtype, strided as shape.inputs. temperature: (heads,), float32 (float64 for
@@ -638,7 +616,7 @@ int64_t channel_attention_position_tiles(ChaDtype dtype, int64_t positions) {
 // gram_partials (B * heads, splits, d, d), sq_partials and sk_partials (B * heads, splits, d) and probs
 // (B * heads, d, d), every element of which is overwritten. out: (B, heads, d, N) contiguous, q's type.
 // Asynchronous on stream; an empty problem launches nothing and writes nothing.
-cudaError_t channel_attention_fwd_cuda(ChaDtype dtype, const ChaShape& shape, const void* q, const void* k,
+cudaError_t channel_attention_fwd_cuda(ElementType dtype, const ChaShape& shape, const void* q, const void* k,
                                        const void* v, const void* temperature, void* out, void* cosine,
                                        void* q_norm, void* k_norm, void* gram_partials, void* sq_partials,
                                        void* sk_partials, void* probs, double eps, cudaStream_t stream) {
@@ -672,7 +650,7 @@ cudaError_t channel_attention_fwd_cuda(ChaDtype dtype, const ChaShape& shape, co
 // fine); dtemperature: (B, heads) in the accumulation type. Workspaces, every element overwritten:
 // dp_partials (B * heads, splits, d, d), coef (B * heads, 3, d, d), diag (B * heads, 2, d). Asynchronous
 // on stream; an empty problem launches nothing and writes nothing.
-cudaError_t channel_attention_bwd_cuda(ChaDtype dtype, const ChaShape& shape, const void* dout, const void* q,
+cudaError_t channel_attention_bwd_cuda(ElementType dtype, const ChaShape& shape, const void* dout, const void* q,
                                        const void* k, const void* v, const void* temperature, const void* cosine,
                                        const void* q_norm, const void* k_norm, void* dq, void* dk, void* dv,
                                        const ChaStrides& grads, void* dtemperature, void* dp_partials, void* coef,

@@ -16,43 +16,21 @@
 #include <tuple>
 
 #include "../common/channel_attention.h"
+#include "channel_attention_launch.h"
 
 namespace lldif_kernels {
-
-// Declared exactly as in channel_attention.cu.
-enum class ChaDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-struct ChaStrides {
-  int64_t batch, head, dim;
-};
-struct ChaShape {
-  int64_t batch, heads, dim, positions;
-  ChaStrides inputs;
-};
-int64_t channel_attention_splits(int64_t batch, int64_t heads, int64_t positions);
-int64_t channel_attention_max_dim();
-int64_t channel_attention_position_tiles(ChaDtype dtype, int64_t positions);
-cudaError_t channel_attention_fwd_cuda(ChaDtype dtype, const ChaShape& shape, const void* q, const void* k,
-                                       const void* v, const void* temperature, void* out, void* cosine,
-                                       void* q_norm, void* k_norm, void* gram_partials, void* sq_partials,
-                                       void* sk_partials, void* probs, double eps, cudaStream_t stream);
-cudaError_t channel_attention_bwd_cuda(ChaDtype dtype, const ChaShape& shape, const void* dout, const void* q,
-                                       const void* k, const void* v, const void* temperature, const void* cosine,
-                                       const void* q_norm, const void* k_norm, void* dq, void* dk, void* dv,
-                                       const ChaStrides& grads, void* dtemperature, void* dp_partials, void* coef,
-                                       void* diag, double eps, cudaStream_t stream);
-
 namespace {
 
 // Runs before the CUDAGuard, which needs q on a CUDA device (the dispatcher picks CUDA if any argument is).
-ChaDtype checked_dtype(const at::Tensor& q) {
+ElementType checked_dtype(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.is_cuda(), "channel_attention: q must be a CUDA tensor, got device ", q.device());
   const at::ScalarType t = q.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    "channel_attention: the CUDA kernels take float32, float16, bfloat16 or float64 q, got ", t);
-  return t == at::kFloat      ? ChaDtype::kFloat32
-         : t == at::kHalf     ? ChaDtype::kFloat16
-         : t == at::kBFloat16 ? ChaDtype::kBFloat16
-                              : ChaDtype::kFloat64;
+  return t == at::kFloat      ? ElementType::kFloat32
+         : t == at::kHalf     ? ElementType::kFloat16
+         : t == at::kBFloat16 ? ElementType::kBFloat16
+                              : ElementType::kFloat64;
 }
 
 ChaShape shape_of(const cha::Problem& p) {
@@ -61,7 +39,7 @@ ChaShape shape_of(const cha::Problem& p) {
 
 // The kernels keep a pair's d x d rows in shared memory and registers, index rows with int, and put
 // (pair, N-split) and (pair, N-tile) on the x dimension of the grid.
-void check_kernel_limits(const cha::Problem& p, ChaDtype dtype) {
+void check_kernel_limits(const cha::Problem& p, ElementType dtype) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(p.dim <= channel_attention_max_dim(), "channel_attention: q has d=", p.dim,
                     " channels per head; the CUDA kernels take at most ", channel_attention_max_dim());
@@ -80,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_fwd
                                                                                  const at::Tensor& k,
                                                                                  const at::Tensor& v,
                                                                                  const at::Tensor& temperature) {
-  const ChaDtype dtype = checked_dtype(q);
+  const ElementType dtype = checked_dtype(q);
   c10::cuda::CUDAGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);
@@ -116,7 +94,7 @@ at::Tensor channel_attention_bwd(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& v, const at::Tensor& temperature, const at::Tensor& cosine,
                                  const at::Tensor& q_norm, const at::Tensor& k_norm, at::Tensor& dq, at::Tensor& dk,
                                  at::Tensor& dv) {
-  const ChaDtype dtype = checked_dtype(q);
+  const ElementType dtype = checked_dtype(q);
   c10::cuda::CUDAGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);

@@ -8,7 +8,7 @@
 // channels over the warps. Statistics are computed with Welford in one read of x instead of E[x^2] - mu^2.
 //
 // This file deliberately includes no torch header, so it compiles in seconds; the ATen glue is
-// modulated_layer_norm_glue.cpp, which must declare MlnDtype and the launchers exactly as below.
+// modulated_layer_norm_glue.cpp; both include modulated_layer_norm_launch.h.
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -16,10 +16,9 @@
 #include <cstdint>
 
 #include "element_types.cuh"
+#include "modulated_layer_norm_launch.h"
 
 namespace lldif_kernels {
-
-enum class MlnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 namespace {
 
@@ -31,6 +30,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t position_tiles(int64_t positions) { return (positions + kTilePositions - 1) / kTilePositions; }
 
 using device::Acc;
+using device::with_element_type;
 using device::store;
 using device::widen;
 
@@ -301,18 +301,6 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   }
 }
 
-// Calls f with a value of the element type that dtype names.
-template <typename F>
-cudaError_t with_element_type(MlnDtype dtype, F&& f) {
-  switch (dtype) {
-    case MlnDtype::kFloat32: return f(float{});
-    case MlnDtype::kFloat16: return f(__half{});
-    case MlnDtype::kBFloat16: return f(__nv_bfloat16{});
-    case MlnDtype::kFloat64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 struct LaunchPlan {
   dim3 grid, block;
   int C;
@@ -336,7 +324,7 @@ cudaError_t plan_launch(int64_t batch, int64_t channels, int64_t positions, bool
 // Empty problems launch nothing; otherwise plans the launch and calls launch(element, plan) with a value of
 // the element type that dtype names, then reports the launch error.
 template <typename F>
-cudaError_t plan_and_launch(MlnDtype dtype, int64_t batch, int64_t channels, int64_t positions, bool channels_inner,
+cudaError_t plan_and_launch(ElementType dtype, int64_t batch, int64_t channels, int64_t positions, bool channels_inner,
                             F&& launch) {
   if (batch == 0 || channels == 0 || positions == 0) return cudaSuccess;
   LaunchPlan plan;
@@ -355,7 +343,7 @@ int64_t modulated_layer_norm_position_tiles(int64_t positions) { return position
 
 // x, y: the element type of dtype in the layout given by channels_inner; a, e: (B, C) contiguous, float32
 // (float64 for kFloat64). Asynchronous on stream; an empty problem launches nothing.
-cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const void* a, const void* e,
+cudaError_t modulated_layer_norm_fwd_cuda(ElementType dtype, const void* x, const void* a, const void* e,
                                           void* y, int64_t batch, int64_t channels, int64_t positions,
                                           bool channels_inner, double eps, bool bias_free,
                                           cudaStream_t stream) {
@@ -372,7 +360,7 @@ cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const v
 
 // dy, x, dx: one layout as in the forward; a: as in the forward. da_partials, de_partials: (B,
 // position_tiles(P), C) of a's type, every element overwritten (no zero fill needed).
-cudaError_t modulated_layer_norm_bwd_cuda(MlnDtype dtype, const void* dy, const void* x, const void* a,
+cudaError_t modulated_layer_norm_bwd_cuda(ElementType dtype, const void* dy, const void* x, const void* a,
                                           void* dx, void* da_partials, void* de_partials, int64_t batch,
                                           int64_t channels, int64_t positions, bool channels_inner,
                                           double eps, bool bias_free, cudaStream_t stream) {

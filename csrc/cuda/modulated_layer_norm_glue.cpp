@@ -15,33 +15,21 @@
 #include <tuple>
 
 #include "../common/modulated_layer_norm.h"
+#include "modulated_layer_norm_launch.h"
 
 namespace lldif_kernels {
-
-// Declared exactly as in modulated_layer_norm.cu.
-enum class MlnDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-int64_t modulated_layer_norm_position_tiles(int64_t positions);
-cudaError_t modulated_layer_norm_fwd_cuda(MlnDtype dtype, const void* x, const void* a, const void* e,
-                                          void* y, int64_t batch, int64_t channels, int64_t positions,
-                                          bool channels_inner, double eps, bool bias_free,
-                                          cudaStream_t stream);
-cudaError_t modulated_layer_norm_bwd_cuda(MlnDtype dtype, const void* dy, const void* x, const void* a,
-                                          void* dx, void* da_partials, void* de_partials, int64_t batch,
-                                          int64_t channels, int64_t positions, bool channels_inner,
-                                          double eps, bool bias_free, cudaStream_t stream);
-
 namespace {
 
 // Runs before the CUDAGuard, which needs x on a CUDA device (the dispatcher picks CUDA if any argument is).
-MlnDtype checked_dtype(const at::Tensor& x) {
+ElementType checked_dtype(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "modulated_layer_norm: x must be a CUDA tensor, got device ", x.device());
   const at::ScalarType t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    "modulated_layer_norm: the CUDA kernels take float32, float16, bfloat16 or float64 x, got ", t);
-  return t == at::kFloat  ? MlnDtype::kFloat32
-         : t == at::kHalf ? MlnDtype::kFloat16
-         : t == at::kBFloat16 ? MlnDtype::kBFloat16
-                              : MlnDtype::kFloat64;
+  return t == at::kFloat  ? ElementType::kFloat32
+         : t == at::kHalf ? ElementType::kFloat16
+         : t == at::kBFloat16 ? ElementType::kBFloat16
+                              : ElementType::kFloat64;
 }
 
 // The kernels index channels with int and launch one block per (sample, tile of positions) on a 1-D grid.
@@ -60,7 +48,7 @@ void check_launch(cudaError_t err) {
 
 at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, double eps,
                                     bool bias_free) {
-  const MlnDtype dtype = checked_dtype(x);
+  const ElementType dtype = checked_dtype(x);
   c10::cuda::CUDAGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);
@@ -76,7 +64,7 @@ at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                                         const at::Tensor& a, double eps,
                                                                         bool bias_free) {
-  const MlnDtype dtype = checked_dtype(x);
+  const ElementType dtype = checked_dtype(x);
   c10::cuda::CUDAGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);

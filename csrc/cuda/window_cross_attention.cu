@@ -25,8 +25,8 @@
 // hold more lanes than its rows need, the spare warps split the other loop (keys in fwd and dq, queries in
 // dkdv) and their partial results are combined in split order at the end.
 //
-// This file includes no torch header; the ATen glue is window_cross_attention_glue.cpp, which must declare
-// WcaDtype, WcaStrides, WcaShape and the entry points exactly as below.
+// This file includes no torch header; the ATen glue is window_cross_attention_glue.cpp, and both include
+// window_cross_attention_launch.h.
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -36,20 +36,9 @@
 #include <type_traits>
 
 #include "element_types.cuh"
+#include "window_cross_attention_launch.h"
 
 namespace lldif_kernels {
-
-enum class WcaDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// Element strides of a (windows, heads, M, d) tensor whose channel stride is 1.
-struct WcaStrides {
-  int64_t window, head, token;
-};
-
-struct WcaShape {
-  int64_t windows, query_windows, heads, tokens, dim, window_size;
-  WcaStrides q, k, v;
-};
 
 namespace {
 
@@ -68,6 +57,7 @@ constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.6931471805599453094;
 
 using device::Acc;
+using device::with_element_type;
 using device::store;
 using device::widen;
 
@@ -605,17 +595,6 @@ __global__ void __launch_bounds__(kReduceWarps * kWarpSize)
 // ---------------------------------------------------------------------------------------------------------
 // Launch plumbing.
 
-template <typename F>
-cudaError_t with_element_type(WcaDtype dtype, F&& f) {
-  switch (dtype) {
-    case WcaDtype::kFloat32: return f(float{});
-    case WcaDtype::kFloat16: return f(__half{});
-    case WcaDtype::kBFloat16: return f(__nv_bfloat16{});
-    case WcaDtype::kFloat64: return f(double{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Calls f with the channel cover (32, 64 or 128, the smallest >= d) as a std::integral_constant.
 template <int kCover>
 using Cover = std::integral_constant<int, kCover>;
@@ -706,7 +685,7 @@ int64_t window_cross_attention_max_dim() { return kMaxDim; }
 
 // Elements (of the accumulation type) of the backward's workspace; 0 for an empty problem. Call on the
 // device that will run the backward.
-int64_t window_cross_attention_workspace_elems(WcaDtype dtype, const WcaShape& shape) {
+int64_t window_cross_attention_workspace_elems(ElementType dtype, const WcaShape& shape) {
   if (is_empty(shape)) return 0;
   int64_t elems = -1;
   const cudaError_t err = with_element_type(dtype, [&](auto element) {
@@ -725,7 +704,7 @@ int64_t window_cross_attention_workspace_elems(WcaDtype dtype, const WcaShape& s
 // ((2ws-1)², heads) contiguous in the accumulation type (float; double for kFloat64). out: (W, heads, M, d)
 // contiguous, q's type; lse: (W, heads, M), accumulation type. Asynchronous on stream; an empty problem
 // launches nothing.
-cudaError_t window_cross_attention_fwd_cuda(WcaDtype dtype, const WcaShape& shape, const void* q, const void* k,
+cudaError_t window_cross_attention_fwd_cuda(ElementType dtype, const WcaShape& shape, const void* q, const void* k,
                                             const void* v, const void* table, void* out, void* lse, double scale,
                                             cudaStream_t stream) {
   if (is_empty(shape)) return cudaSuccess;
@@ -755,7 +734,7 @@ cudaError_t window_cross_attention_fwd_cuda(WcaDtype dtype, const WcaShape& shap
 // element overwritten. workspace: window_cross_attention_workspace_elems(dtype, shape) elements of the
 // accumulation type, no initialisation needed. Asynchronous on stream; an empty problem launches nothing
 // (the caller zeroes dtable).
-cudaError_t window_cross_attention_bwd_cuda(WcaDtype dtype, const WcaShape& shape, const void* dout, const void* q,
+cudaError_t window_cross_attention_bwd_cuda(ElementType dtype, const WcaShape& shape, const void* dout, const void* q,
                                             const void* k, const void* v, const void* table, const void* out,
                                             const void* lse, void* dq, void* dk, void* dv, void* dtable,
                                             void* workspace, double scale, cudaStream_t stream) {

@@ -16,39 +16,20 @@
 #include <tuple>
 
 #include "../common/window_cross_attention.h"
+#include "window_cross_attention_launch.h"
 
 namespace lldif_kernels {
-
-// Declared exactly as in window_cross_attention.cu.
-enum class WcaDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-struct WcaStrides {
-  int64_t window, head, token;
-};
-struct WcaShape {
-  int64_t windows, query_windows, heads, tokens, dim, window_size;
-  WcaStrides q, k, v;
-};
-int64_t window_cross_attention_max_dim();
-int64_t window_cross_attention_workspace_elems(WcaDtype dtype, const WcaShape& shape);
-cudaError_t window_cross_attention_fwd_cuda(WcaDtype dtype, const WcaShape& shape, const void* q, const void* k,
-                                            const void* v, const void* table, void* out, void* lse, double scale,
-                                            cudaStream_t stream);
-cudaError_t window_cross_attention_bwd_cuda(WcaDtype dtype, const WcaShape& shape, const void* dout, const void* q,
-                                            const void* k, const void* v, const void* table, const void* out,
-                                            const void* lse, void* dq, void* dk, void* dv, void* dtable,
-                                            void* workspace, double scale, cudaStream_t stream);
-
 namespace {
 
 // Runs before the CUDAGuard, which needs k on a CUDA device (the dispatcher picks CUDA if any argument is).
 // make_problem checks the dtype itself; this only maps it.
-WcaDtype checked_dtype(const at::Tensor& k) {
+ElementType checked_dtype(const at::Tensor& k) {
   TORCH_CHECK_VALUE(k.is_cuda(), "window_cross_attention: k must be a CUDA tensor, got device ", k.device());
   const at::ScalarType t = k.scalar_type();
-  return t == at::kHalf ? WcaDtype::kFloat16
-         : t == at::kBFloat16 ? WcaDtype::kBFloat16
-         : t == at::kDouble   ? WcaDtype::kFloat64
-                              : WcaDtype::kFloat32;
+  return t == at::kHalf ? ElementType::kFloat16
+         : t == at::kBFloat16 ? ElementType::kBFloat16
+         : t == at::kDouble   ? ElementType::kFloat64
+                              : ElementType::kFloat32;
 }
 
 WcaShape shape_of(const wca::Problem& p) {
@@ -76,7 +57,7 @@ void check_launch(cudaError_t err) {
 std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& table,
                                                               int64_t window_size, double scale) {
-  const WcaDtype dtype = checked_dtype(k);
+  const ElementType dtype = checked_dtype(k);
   c10::cuda::CUDAGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p);
@@ -91,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
     const at::Tensor& out, const at::Tensor& lse, int64_t window_size, double scale, bool need_dq) {
-  const WcaDtype dtype = checked_dtype(k);
+  const ElementType dtype = checked_dtype(k);
   c10::cuda::CUDAGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p);
