@@ -1,7 +1,8 @@
 """Landmark layouts: the 68-point iBUG order, MTCNN's 5 points, their mirror maps and a mean face shape.
 
-Points are (x, y) in pixels of the image they belong to, x to the right and y down, continuous: pixel
-(i, j) covers [i, i+1) × [j, j+1), so its centre is (i + 0.5, j + 0.5). "Left" means image left. A mean shape is given in unit coordinates of a square face crop and scaled with `mean_shape`.
+Points are (x, y) in pixels of the image they belong to, x to the right and y down, continuous: pixel (i, j)
+covers [i, i+1) x [j, j+1), so its centre is (i + 0.5, j + 0.5). "Left" means image left. A mean shape is given
+in unit coordinates of a square face crop and scaled with `mean_shape`.
 """
 
 from __future__ import annotations
