@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,10 @@ class FERPlus(FaceDataset):
                 raise ValueError(f"{pixels_file}: header must name the columns emotion, pixels, Usage; "
                                  f"got {pixel_rows.fieldnames}")
             records, skipped = [], []
-            for row, (label_row, pixel_row) in enumerate(zip(label_rows, pixel_rows, strict=False)):
+            for row, (label_row, pixel_row) in enumerate(zip_longest(label_rows, pixel_rows)):
+                if label_row is None or pixel_row is None:
+                    raise ValueError(f"root: {LABELS_FILE} and {PIXELS_FILE} must have one row per face each; "
+                                     f"one of them ends at row {row + 1}")
                 if pixel_row["Usage"] not in USAGES[split]:
                     continue
                 where = f"{root / LABELS_FILE}:{row + 2}"
@@ -97,9 +101,6 @@ class FERPlus(FaceDataset):
                 else:
                     self._pixels[key] = values.astype(np.uint8).reshape(SIDE, SIDE)
                     records.append(FaceRecord(key, label))
-            if next(label_rows, None) is not None or next(pixel_rows, None) is not None:
-                raise ValueError(f"root: {LABELS_FILE} and {PIXELS_FILE} must have one row per face each; their "
-                                 "row counts differ")
         return records, skipped
 
     @staticmethod
