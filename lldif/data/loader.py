@@ -1,0 +1,205 @@
+"""Batches for training and evaluation: `(image, label, landmarks, caption_embedding)` with POSTER++'s augmentations,
+worker processes, and an order and augmentation that depend only on the seed and the epoch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import FaceSample, SkippedRecord
+from .face_layout import flip_landmarks
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FaceSource(Protocol):
+    """Anything the loader can draw faces from: every reader, and the synthetic set."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> FaceSample: ...
+
+
+class FaceBatch(NamedTuple):
+    """One batch. `image` is (B, 3, S, S) ImageNet-normalised, `landmarks` (B, P, 2) in pixels of those S x S
+    images, `caption_embedding` (B, D) from a frozen text encoder, or None when the embedder is trainable (then
+    the training step embeds `caption` itself)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    landmarks: torch.Tensor
+    caption_embedding: torch.Tensor | None
+    caption: list[str]
+    key: list[str]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """POSTER++'s training augmentation: a horizontal flip (landmarks mirrored and renumbered too) and random
+    erasing of a rectangle covering `erasing_scale` of the image with aspect ratio in `erasing_ratio`, filled with
+    zeros after normalisation. POSTER++ uses p 0.5 and scale (0.02, 0.1) on RAF-DB, p 1 and (0.05, 0.05) elsewhere."""
+
+    flip_p: float = 0.5
+    erasing_p: float = 0.5
+    erasing_scale: tuple[float, float] = (0.02, 0.1)
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "erasing_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        low, high = self.erasing_scale
+        if not 0.0 < low <= high < 1.0:
+            raise ValueError(f"erasing_scale must satisfy 0 < low <= high < 1, got {self.erasing_scale}")
+        if not 0.0 < self.erasing_ratio[0] <= self.erasing_ratio[1]:
+            raise ValueError(f"erasing_ratio must satisfy 0 < low <= high, got {self.erasing_ratio}")
+
+    def erase(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Zeroes one random rectangle of a (3, H, W) image with probability `erasing_p`."""
+        if rng.random() >= self.erasing_p:
+            return image
+        height, width = image.shape[1:]
+        log_ratio = np.log(self.erasing_ratio)
+        for _ in range(10):  # a rectangle that does not fit is redrawn, as in torchvision's RandomErasing
+            area = height * width * rng.uniform(*self.erasing_scale)
+            ratio = np.exp(rng.uniform(*log_ratio))
+            h, w = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
+            if 0 < h < height and 0 < w < width:
+                top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+                image = image.clone()
+                image[:, top:top + h, left:left + w] = 0
+                return image
+        return image
+
+
+class _EpochView(torch.utils.data.Dataset):
+    """The samples of one epoch as tensors; sample i's randomness comes from (seed, epoch, i), so the result does
+    not depend on the order, the batch size or the worker that produces it."""
+
+    def __init__(self, source: FaceSource, image_size: int, seed: int, epoch: int, augmentation: Augmentation | None,
+                 lowlight: Callable[..., np.ndarray] | None) -> None:
+        self.source, self.image_size, self.seed, self.epoch = source, image_size, seed, epoch
+        self.augmentation, self.lowlight = augmentation, lowlight
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, str, str]:
+        sample = self.source[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = sample.image if self.lowlight is None else self.lowlight(sample.image, key=sample.key)
+        height, width = image.shape[:2]
+        size = self.image_size
+        if (height, width) != (size, size):
+            image = np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        landmarks = sample.landmarks * np.array([size / width, size / height], dtype=np.float32)
+        if self.augmentation is not None and rng.random() < self.augmentation.flip_p:
+            image = image[:, ::-1]
+            landmarks = flip_landmarks(landmarks, size)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        tensor = (tensor - self.mean) / self.std
+        if self.augmentation is not None:
+            tensor = self.augmentation.erase(tensor, rng)
+        return tensor, sample.label, torch.from_numpy(np.ascontiguousarray(landmarks, np.float32)), \
+            sample.caption, sample.key
+
+
+def _collate(items: list[tuple[torch.Tensor, int, torch.Tensor, str, str]]) -> FaceBatch:
+    images, labels, landmarks, captions, keys = zip(*items, strict=True)
+    return FaceBatch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.stack(landmarks), None,
+                     list(captions), list(keys))
+
+
+class BatchLoader:
+    """An epoch's batches: a DataLoader whose batches get their caption embeddings in the main process (so a
+    text encoder is loaded once, not once per worker)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, embed: Callable[[Sequence[str]], torch.Tensor] | None):
+        self.loader, self.embed = loader, embed
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[FaceBatch]:
+        for batch in self.loader:
+            yield batch if self.embed is None else batch._replace(caption_embedding=self.embed(batch.caption))
+
+
+class FaceDataModule:
+    """Train and test batches of two face sources.
+
+    `lowlight` (e.g. `lowlight.LowLight(seed=0)`) darkens every image on the fly, given the record key, for
+    sources that are normal-light; `text_embedder` maps captions to embeddings: a frozen one (not an nn.Module
+    with trainable parameters) fills `caption_embedding`, a trainable one is left to the training step. Before
+    any batch, unreadable images are dropped from sources that can check themselves, and the list of everything
+    left out is written to `run_dir`.
+    """
+
+    def __init__(self, train: FaceSource, test: FaceSource, *, image_size: int = 112, batch_size: int = 64,
+                 workers: int = 0, seed: int = 0, augmentation: Augmentation | None = None,
+                 lowlight: Callable[..., np.ndarray] | None = None,
+                 text_embedder: Callable[[Sequence[str]], torch.Tensor] | None = None,
+                 run_dir: str | os.PathLike | None = None, check_images: bool = True, progress: bool = True) -> None:
+        limits = (("image_size", image_size, 16), ("batch_size", batch_size, 1), ("workers", workers, 0))
+        for name, value, low in limits:
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.train, self.test = train, test
+        self.image_size, self.batch_size, self.workers, self.seed = image_size, batch_size, workers, seed
+        self.augmentation = Augmentation() if augmentation is None else augmentation
+        self.lowlight = lowlight
+        trainable = isinstance(text_embedder, torch.nn.Module) and any(
+            p.requires_grad for p in text_embedder.parameters())
+        self.embed = None if trainable else text_embedder
+        self.skipped: dict[str, list[SkippedRecord]] = {}
+        for split, source in (("train", train), ("test", test)):
+            if check_images and hasattr(source, "drop_unreadable"):
+                source.drop_unreadable(progress=progress)
+            self.skipped[split] = list(getattr(source, "skipped", []))
+            if run_dir is not None and hasattr(source, "write_skipped"):
+                source.write_skipped(run_dir)
+
+    def _loader(self, source: FaceSource, epoch: int, train: bool) -> BatchLoader:
+        view = _EpochView(source, self.image_size, self.seed, epoch, self.augmentation if train else None,
+                          self.lowlight)
+        sampler = None
+        if train:
+            order_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+            sampler = torch.utils.data.RandomSampler(view, generator=torch.Generator().manual_seed(order_seed))
+        loader = torch.utils.data.DataLoader(view, batch_size=self.batch_size, sampler=sampler,
+                                             num_workers=self.workers, collate_fn=_collate)
+        return BatchLoader(loader, self.embed)
+
+    def train_dataloader(self, epoch: int = 0) -> BatchLoader:
+        """The training batches of `epoch`: shuffled and augmented, identical for the same seed and epoch."""
+        return self._loader(self.train, epoch, train=True)
+
+    def test_dataloader(self) -> BatchLoader:
+        """The test batches in dataset order, without augmentation."""
+        return self._loader(self.test, 0, train=False)
+
+
+def open_dataset(spec: str, split: str, **options) -> FaceSource:
+    """A reader from a data spec `KIND:PATH` (`rafdb`, `ferplus`, `kdef`, `folder`) or a bare folder path."""
+    from .ferplus import FERPlus
+    from .folder import ImageFolder
+    from .kdef import KDEF
+    from .rafdb import RAFDB
+
+    readers = {"rafdb": RAFDB, "ferplus": FERPlus, "kdef": KDEF, "folder": ImageFolder}
+    kind, _, path = spec.partition(":")
+    if not path:
+        kind, path = "folder", spec
+    if kind not in readers:
+        raise ValueError(f"data spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(readers)} as KIND:PATH")
+    return readers[kind](Path(path), split, **options)
