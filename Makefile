@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_PIN)" "setuptools>=77" wheel ninja
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "facenet-pytorch==2.6.0"  # MTCNN weights only; its pins are for old torch
 	touch $@ $(VENV)/.built
 
 # Rebuilds the extensions in place when their sources change (ninja: only what changed).
