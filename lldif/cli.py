@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .data.lowlight import add_make_lowlight_command
+
 
 def _add_demo_command(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="run the fused ops with every backend and compare with the reference")
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lldif", description="LLDif on fused Triton and C++/CUDA kernels.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
+    add_make_lowlight_command(commands)
     return parser
 
 
