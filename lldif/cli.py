@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
     add_make_lowlight_command(commands)
+    add_landmarks_command(commands)
     return parser
 
 
