@@ -34,8 +34,13 @@ SPLITS = ("train", "test")
 # Test faces are drawn at indices from here on, so they never repeat a training face; a multiple of the
 # class count keeps face i of either split the same class.
 TEST_INDEX_START = NUM_CLASSES * 2**28
-WEAK_FRACTION = 0.3  # share of expressive faces drawn at a subtle intensity
-ACTION_UNIT_NOISE = 0.08  # std of the random action-unit activity on every face, neutral ones included
+# Expression intensity: a share of the expressive faces is subtle, so classes overlap with neutral and each other.
+WEAK_FRACTION = 0.3
+WEAK_INTENSITY, STRONG_INTENSITY = (0.1, 0.35), (0.35, 1.0)
+ACTION_UNIT_NOISE = 0.12  # std of the random action-unit activity on every face, neutral ones included
+# Chance that a face also shows a trace (up to BLEND_STRENGTH) of one random action unit, as blended or
+# idiosyncratic expressions do.
+BLEND_PROBABILITY, BLEND_STRENGTH = 0.3, 0.4
 SUPERSAMPLING = 2  # faces are drawn at this multiple of the output size and box-filtered down
 
 # Action units and their landmark motion at full intensity, in unit face coordinates, for image-left points
@@ -109,6 +114,7 @@ _BACKGROUND_COLOURS = {"blue": (70, 110, 170), "green": (90, 140, 90), "grey": (
                        "dark": (40, 42, 48)}
 _BACKGROUND_KINDS = ("plain", "gradient", "mottled", "striped")
 _BACKGROUND_VARIANTS = 8  # directions of gradients and stripes, blob layouts
+_PATTERN_OPACITY = 0.7  # the most a pattern covers the background colour
 
 # Identity shape: each parameter moves the mean face along a fixed landmark field (see _shape_fields) by an
 # amount drawn uniformly from its range; widths and lengths are relative, positions in unit face coordinates.
@@ -123,8 +129,8 @@ _SCENE_RANGES: dict[str, tuple[float, float]] = {
     "brow_thickness": (0.018, 0.034), "skin_tone": (0.0, len(_SKIN_TONES) - 1), "hair_volume": (0.0, 0.07),
     "hairline": (0.14, 0.21), "gaze": (-0.015, 0.015), "asymmetry": (-0.3, 0.3),
     "yaw": (-0.35, 0.35), "roll": (-0.26, 0.26), "scale": (0.74, 0.92), "shift_x": (-0.06, 0.06),
-    "shift_y": (-0.06, 0.06), "light_angle": (0.0, 2 * math.pi), "light_strength": (0.0, 0.35),
-    "brightness": (0.75, 1.15), "warmth": (-1.0, 1.0),
+    "shift_y": (-0.06, 0.06), "light_angle": (0.0, 2 * math.pi), "light_strength": (0.0, 0.3),
+    "brightness": (0.8, 1.1), "warmth": (-1.0, 1.0),
 }
 _RANGE_LOW = np.array([low for low, _ in (*_SHAPE_RANGES.values(), *_SCENE_RANGES.values())])
 _RANGE_SPAN = np.array([high - low for low, high in (*_SHAPE_RANGES.values(), *_SCENE_RANGES.values())])
@@ -303,11 +309,12 @@ def _draw_scene(rng: np.random.Generator) -> _Scene:
 def _draw_action_units(expression: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Action-unit activities of one face and its intensity (0 for neutral)."""
     activity = rng.normal(0, ACTION_UNIT_NOISE, len(ACTION_UNITS))
+    if rng.random() < BLEND_PROBABILITY:
+        activity[rng.integers(len(ACTION_UNITS))] += rng.uniform(0.0, BLEND_STRENGTH)
     prototype = PROTOTYPES[expression]
     if not prototype:
         return activity, 0.0
-    weak = rng.random() < WEAK_FRACTION
-    intensity = rng.uniform(0.15, 0.4) if weak else rng.uniform(0.4, 1.0)
+    intensity = rng.uniform(*(WEAK_INTENSITY if rng.random() < WEAK_FRACTION else STRONG_INTENSITY))
     weights = rng.random(len(prototype))
     for (unit, (low, high)), weight in zip(prototype.items(), weights.tolist(), strict=True):
         activity[_AU[unit]] += intensity * (low + (high - low) * weight)
@@ -455,8 +462,8 @@ def _nose_and_mouth_strokes(scene: _Scene, shape: np.ndarray) -> list[_Stroke]:
     upper, lower = _upper_and_lower(mouth)
     opening = np.interp(upper[:, 0], lower[:, 0], lower[:, 1]) - upper[:, 1]
     if opening.max() > 0.006:
-        # Upper teeth hang from the upper lip but never fill more than half the opening.
-        teeth_edge = upper + np.stack([np.zeros(len(opening)), np.minimum(0.025, 0.45 * opening)], axis=1)
+        # Upper teeth hang from the upper lip and leave most of the opening dark.
+        teeth_edge = upper + np.stack([np.zeros(len(opening)), np.minimum(0.022, 0.35 * opening)], axis=1)
         strokes.append(_Stroke(np.concatenate([upper, teeth_edge[::-1]]), (240, 236, 226)))
     strokes.append(_Stroke(np.concatenate([shape[48:49], upper, shape[54:55]]), colours["lip_line"], 0.008))
     return strokes
@@ -467,15 +474,15 @@ def _background_mask(kind: str, variant: int, side: int) -> Image.Image:
     """How much of the pattern colour each background pixel shows: a fixed mask per kind and variant."""
     across = (np.arange(side) + 0.5) / side - 0.5
     if kind == "mottled":
-        blobs = np.random.default_rng(variant).integers(0, 256, (5, 5), dtype=np.uint8)
-        return Image.fromarray(blobs, "L").resize((side, side), Image.BICUBIC)
+        blobs = np.random.default_rng(variant).random((5, 5)) * _PATTERN_OPACITY * 255
+        return Image.fromarray(blobs.astype(np.uint8), "L").resize((side, side), Image.BICUBIC)
     angle = 2 * math.pi * variant / _BACKGROUND_VARIANTS
     position = math.cos(angle) * across[None, :] + math.sin(angle) * across[:, None]
     if kind == "gradient":
         field = 0.5 + position
     else:
         field = 0.5 + 2 * np.sin(2 * math.pi * (4 + variant) * position)
-    return Image.fromarray((np.clip(field, 0, 1) * 255).astype(np.uint8), "L")
+    return Image.fromarray((np.clip(field, 0, 1) * _PATTERN_OPACITY * 255).astype(np.uint8), "L")
 
 
 def _background(scene: _Scene, size: int) -> Image.Image:
@@ -497,9 +504,8 @@ def _lit(rgb: np.ndarray, draws: dict[str, float]) -> np.ndarray:
     ramp = np.linspace(-1 + 1 / side, 1 - 1 / side, side, dtype=np.float32)
     angle, strength, warmth = draws["light_angle"], draws["light_strength"], draws["warmth"]
     cast = np.array([1 + 0.08 * warmth, 1.0, 1 - 0.1 * warmth], dtype=np.float32) * draws["brightness"]
-    # The lit edge keeps the brightness, the far edge gets (1 - 2 * strength) of it. Gains are laid out as
-    # rows of interleaved RGB, so no numpy loop runs over the 3 channels alone.
-    along_x = ((1 - strength + strength * math.cos(angle) * ramp)[:, None] * cast).reshape(1, -1)
+    # Gains are laid out as rows of interleaved RGB, so no numpy loop runs over the 3 channels alone.
+    along_x = ((1 + strength * math.cos(angle) * ramp)[:, None] * cast).reshape(1, -1)
     along_y = (strength * math.sin(angle) * ramp)[:, None] * np.tile(cast, side)
     gain = along_x + along_y
     return np.clip(rgb.reshape(side, -1) * gain, 0, 255).astype(np.uint8).reshape(rgb.shape)
