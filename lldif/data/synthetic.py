@@ -115,6 +115,7 @@ _BACKGROUND_COLOURS = {"blue": (70, 110, 170), "green": (90, 140, 90), "grey": (
 _BACKGROUND_KINDS = ("plain", "gradient", "mottled", "striped")
 _BACKGROUND_VARIANTS = 8  # directions of gradients and stripes, blob layouts
 _PATTERN_OPACITY = 0.7  # the most a pattern covers the background colour
+_FRINGE_SHARE = 0.25  # of the people with hair
 
 # Identity shape: each parameter moves the mean face along a fixed landmark field (see _shape_fields) by an
 # amount drawn uniformly from its range; widths and lengths are relative, positions in unit face coordinates.
@@ -127,14 +128,14 @@ _SHAPE_RANGES: dict[str, tuple[float, float]] = {
 # The rest of the identity, the pose and the lighting, each drawn uniformly (unit face coordinates, radians).
 _SCENE_RANGES: dict[str, tuple[float, float]] = {
     "brow_thickness": (0.018, 0.034), "skin_tone": (0.0, len(_SKIN_TONES) - 1), "hair_volume": (0.0, 0.07),
-    "hairline": (0.14, 0.21), "gaze": (-0.015, 0.015), "asymmetry": (-0.3, 0.3),
+    "hairline": (0.14, 0.21), "fringe": (0.0, 1.0), "gaze": (-0.015, 0.015), "asymmetry": (-0.3, 0.3),
     "yaw": (-0.35, 0.35), "roll": (-0.26, 0.26), "scale": (0.74, 0.92), "shift_x": (-0.06, 0.06),
     "shift_y": (-0.06, 0.06), "light_angle": (0.0, 2 * math.pi), "light_strength": (0.0, 0.3),
     "brightness": (0.8, 1.1), "warmth": (-1.0, 1.0),
 }
 _RANGE_LOW = np.array([low for low, _ in (*_SHAPE_RANGES.values(), *_SCENE_RANGES.values())])
 _RANGE_SPAN = np.array([high - low for low, high in (*_SHAPE_RANGES.values(), *_SCENE_RANGES.values())])
-_CHOICES = {"hair_colour": len(_HAIR_COLOURS), "hair_style": len(_HAIR_STYLES), "fringe": 4,
+_CHOICES = {"hair_colour": len(_HAIR_COLOURS), "hair_style": len(_HAIR_STYLES),
             "iris": len(_IRIS_COLOURS), "background_colour": len(_BACKGROUND_COLOURS),
             "background_kind": len(_BACKGROUND_KINDS), "background_variant": _BACKGROUND_VARIANTS}
 
@@ -147,8 +148,12 @@ _EDGE_GAP = np.array([0.003] * 4 + [0.0] * 3)
 _LIP_THICKNESS = 0.004  # least red lip kept outside the inner lip line
 # Weight of each brow point in the identity's brow arch (the middle of each brow rises most).
 _BROW_ARCH = np.array([0, 1, 1, 0.5, 0, 0, 0.5, 1, 1, 0])
-# Half the brow's thickness along its 13 smoothed points from the outer end, as (x, y) offsets per unit thickness.
-_BROW_TAPER = np.column_stack([np.zeros(13), 0.5 * np.linspace(0.55, 1.0, 13)])
+_EYES = np.array([range(36, 42), range(42, 48)])
+_BROWS = np.array([range(17, 22), range(22, 27)])
+# Half of each brow's thickness along its 13 smoothed points, as (x, y) offsets per unit of thickness: the
+# brows thin out towards the temples.
+_BROW_TAPERS = np.stack([np.column_stack([np.zeros(13), 0.5 * np.linspace(0.55, 1.0, 13)[::step]])
+                         for step in (1, -1)])
 
 
 def _shape_fields() -> np.ndarray:
@@ -376,7 +381,7 @@ def _head_strokes(scene: _Scene, shape: np.ndarray) -> list[_Stroke]:
         lift = np.sign(angles[:, 1]) * np.abs(angles[:, 1]) ** 0.35
         hairline = np.stack([0.5 + 0.98 * half_width * angles[:, 0], centre[1] + (centre[1] - d["hairline"]) * lift],
                             axis=1)
-        if scene.picks["fringe"] == 0:
+        if d["fringe"] < _FRINGE_SHARE:
             hairline[3:12, 1] = d["hairline"] + 0.05 + 0.02 * (np.arange(9) % 2)
         strokes.append(_Stroke(np.concatenate([hair_outline, hairline]), colours["hair"]))
     return strokes
@@ -425,24 +430,28 @@ def _furrow_strokes(scene: _Scene, shape: np.ndarray, activity: np.ndarray) -> l
     return strokes
 
 
-def _eye_strokes(scene: _Scene, eye: np.ndarray, brow: np.ndarray) -> list[_Stroke]:
-    """Eye white, iris, pupil and glint clipped to the lids, lid lines and the brow above."""
+def _eye_strokes(scene: _Scene, shape: np.ndarray) -> list[_Stroke]:
+    """Eye whites, irises, pupils and glints clipped to the lids, lid lines and the brows above."""
     colours = scene.colours
-    outline = _smooth(eye, closed=True)
-    upper, lower = _upper_and_lower(outline)
-    centre = (eye[0] + eye[3]) / 2 + (scene.draws["gaze"], 0.0)
-    discs = centre + (eye[3, 0] - eye[0, 0]) * _EYE_DISCS
-    x = np.clip(discs[:, 0], upper[0, 0], upper[-1, 0])
-    y = np.clip(discs[:, 1], np.interp(x, upper[:, 0], upper[:, 1]), np.interp(x, lower[:, 0], lower[:, 1]))
-    iris, pupil, glint = np.split(np.column_stack([x, y]), _EYE_DISC_ENDS)
-    brow_line = _smooth(brow, closed=False, steps=3)
-    half_thickness = scene.draws["brow_thickness"] * (_BROW_TAPER if brow[0, 0] < 0.5 else _BROW_TAPER[::-1])
-    brow_shape = np.concatenate([brow_line - half_thickness, (brow_line + half_thickness)[::-1]])
-    return [
-        _Stroke(outline, (236, 232, 226)), _Stroke(iris, colours["iris"]), _Stroke(pupil, (12, 10, 10)),
-        _Stroke(glint, (250, 250, 250, 200)), _Stroke(upper, (30, 22, 20), 0.011),
-        _Stroke(lower, _with_alpha(colours["nose"], 0.6), 0.006), _Stroke(brow_shape, colours["brow"]),
-    ]
+    eyes = shape[_EYES]
+    outlines = _spline_matrix(6, 4, True) @ eyes
+    uppers, lowers = outlines[:, :13], outlines[:, _lower_half_order(24)]
+    centres = (eyes[:, 0] + eyes[:, 3]) / 2 + (scene.draws["gaze"], 0.0)
+    discs = centres[:, None] + (eyes[:, 3, 0] - eyes[:, 0, 0])[:, None, None] * _EYE_DISCS
+    brows = _spline_matrix(5, 3, False) @ shape[_BROWS]
+    half_thickness = scene.draws["brow_thickness"] * _BROW_TAPERS
+    brow_shapes = np.concatenate([brows - half_thickness, (brows + half_thickness)[:, ::-1]], axis=1)
+    strokes = []
+    for outline, upper, lower, disc, brow_shape in zip(outlines, uppers, lowers, discs, brow_shapes, strict=True):
+        x = np.clip(disc[:, 0], upper[0, 0], upper[-1, 0])
+        y = np.clip(disc[:, 1], np.interp(x, upper[:, 0], upper[:, 1]), np.interp(x, lower[:, 0], lower[:, 1]))
+        iris, pupil, glint = np.split(np.column_stack([x, y]), _EYE_DISC_ENDS)
+        strokes += [
+            _Stroke(outline, (236, 232, 226)), _Stroke(iris, colours["iris"]), _Stroke(pupil, (12, 10, 10)),
+            _Stroke(glint, (250, 250, 250, 200)), _Stroke(upper, (30, 22, 20), 0.011),
+            _Stroke(lower, _with_alpha(colours["nose"], 0.6), 0.006), _Stroke(brow_shape, colours["brow"]),
+        ]
+    return strokes
 
 
 def _nose_and_mouth_strokes(scene: _Scene, shape: np.ndarray) -> list[_Stroke]:
@@ -519,10 +528,12 @@ def _caption(scene: _Scene, expression: str, intensity: float, rng: np.random.Ge
     if expression == "neutral":
         feeling = ("with a neutral expression", f"looking {adjective}", f"with a {adjective} face")[int(choice[1] * 3)]
     else:
-        strength = _INTENSITY_WORDS[0 if intensity < 0.4 else 1 if intensity < 0.7 else 2]
+        strength = _INTENSITY_WORDS[0 if intensity < WEAK_INTENSITY[1] else 1 if intensity < 0.7 else 2]
         feeling = " ".join(filter(None, ("looking", strength[int(choice[1] * len(strength))], adjective)))
     style = _HAIR_STYLES[picks["hair_style"]]
     hair = "a bald head" if style == "bald" else f"{style} {list(_HAIR_COLOURS)[picks['hair_colour']]} hair"
+    if style != "bald" and d["fringe"] < _FRINGE_SHARE:
+        hair += " with a fringe"
     skin = _SKIN_WORDS[round(d["skin_tone"])]
     who = (f"a synthetic face of a person with {skin} skin and {hair}",
            f"a synthetic portrait of someone with {hair} and {skin} skin",
@@ -569,8 +580,7 @@ class SyntheticFaceGenerator:
         activity, intensity = _draw_action_units(EXPRESSIONS[label], expression_rng)
         shape = _express(scene, activity)
         strokes = [*_head_strokes(scene, shape), *_furrow_strokes(scene, shape, activity),
-                   *_eye_strokes(scene, shape[36:42], shape[17:22]), *_eye_strokes(scene, shape[42:48], shape[22:27]),
-                   *_nose_and_mouth_strokes(scene, shape)]
+                   *_eye_strokes(scene, shape), *_nose_and_mouth_strokes(scene, shape)]
 
         # One warp for the landmarks and every stroke, so the drawing lands exactly on the landmarks.
         warped = _warp(np.concatenate([shape, *(stroke.points for stroke in strokes)]), scene.draws)
