@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,7 +485,7 @@ def _background_mask(kind: str, variant: int, side: int) -> Image.Image:
     across = (np.arange(side) + 0.5) / side - 0.5
     if kind == "mottled":
         blobs = np.random.default_rng(variant).random((5, 5)) * _PATTERN_OPACITY * 255
-        return Image.fromarray(blobs.astype(np.uint8), "L").resize((side, side), Image.BICUBIC)
+        return Image.fromarray(blobs.astype(np.uint8), "L").resize((side, side), Image.Resampling.BICUBIC)
     angle = 2 * math.pi * variant / _BACKGROUND_VARIANTS
     position = math.cos(angle) * across[None, :] + math.sin(angle) * across[:, None]
     if kind == "gradient":
@@ -504,7 +505,7 @@ def _background(scene: _Scene, size: int) -> Image.Image:
     base = Image.new("RGB", (size, size), scene.colours["background"])
     pattern = Image.new("RGB", (size, size), scene.colours["background_pattern"])
     mixed = Image.composite(pattern, base, _background_mask(kind, scene.picks["background_variant"], size))
-    return mixed.resize((side, side), Image.NEAREST)
+    return mixed.resize((side, side), Image.Resampling.NEAREST)
 
 
 def _lit(rgb: np.ndarray, draws: dict[str, float]) -> np.ndarray:
@@ -556,25 +557,31 @@ def _caption(scene: _Scene, expression: str, intensity: float, rng: np.random.Ge
     return ", ".join(details)
 
 
+def _whole_number(name: str, value: object, least: int = 0) -> int:
+    """`value` as an int (numpy integers included), or a ValueError naming the argument."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    return number
+
+
 class SyntheticFaceGenerator:
     """Draws synthetic expression faces: face `index` is a pure function of (seed, index, size) and has
     label `index % 7` (classes in `EXPRESSIONS` order), so any run of 7 consecutive indices is balanced."""
 
     def __init__(self, seed: int = 0, size: int = 112) -> None:
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if not isinstance(size, int) or size < MIN_SIZE:
-            raise ValueError(f"size must be an integer of at least {MIN_SIZE} pixels, got {size!r}")
-        self.seed = seed
-        self.size = size
+        self.seed = _whole_number("seed", seed)
+        self.size = _whole_number("size", size, MIN_SIZE)
 
     def render(self, index: int, label: int | None = None) -> SyntheticFace:
         """Face `index`; `label` overrides its expression while keeping its identity, pose and lighting."""
-        if not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be a non-negative integer, got {index!r}")
-        label = index % NUM_CLASSES if label is None else label
-        if label not in range(NUM_CLASSES):
-            raise ValueError(f"label must be a class index 0..{NUM_CLASSES - 1}, got {label!r}")
+        index = _whole_number("index", index)
+        label = index % NUM_CLASSES if label is None else _whole_number("label", label)
+        if label >= NUM_CLASSES:
+            raise ValueError(f"label must be a class index 0..{NUM_CLASSES - 1}, got {label}")
         scene = _draw_scene(np.random.default_rng([self.seed, index, 0]))
         expression_rng = np.random.default_rng([self.seed, index, 1 + label])
         activity, intensity = _draw_action_units(EXPRESSIONS[label], expression_rng)
@@ -614,8 +621,7 @@ class SyntheticFaceDataset(torch.utils.data.Dataset):
     """`num_images` synthetic faces of one split; train and test faces come from disjoint generator indices."""
 
     def __init__(self, num_images: int, split: str = "train", seed: int = 0, size: int = 112) -> None:
-        if not isinstance(num_images, int) or num_images < 0:
-            raise ValueError(f"num_images must be a non-negative integer, got {num_images!r}")
+        num_images = _whole_number("num_images", num_images)
         if num_images > TEST_INDEX_START:
             raise ValueError(f"num_images must be at most {TEST_INDEX_START}, got {num_images}")
         if split not in SPLITS:
@@ -639,6 +645,16 @@ class SyntheticFaceDataset(torch.utils.data.Dataset):
         return f"{self.split}/{expression}/{self.split}_{item:06d}.png"
 
 
+def _read_captions(path: Path) -> dict[str, str]:
+    try:
+        captions = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a captions file ({error})") from None
+    if not isinstance(captions, dict):
+        raise ValueError(f"{path}: not a captions file (expected an object of path: caption)")
+    return captions
+
+
 def write_synthetic_dataset(root: str | os.PathLike, per_class: int, split: str, seed: int = 0, size: int = 112,
                             progress: bool = True) -> None:
     """Writes `per_class` synthetic faces of each class as root/<split>/<expression>/<split>_<i>.png, and
@@ -646,13 +662,12 @@ def write_synthetic_dataset(root: str | os.PathLike, per_class: int, split: str,
     there are kept, so an interrupted run resumes."""
     from tqdm import tqdm
 
-    if not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    per_class = _whole_number("per_class", per_class, 1)
     root = Path(root)
     dataset = SyntheticFaceDataset(per_class * NUM_CLASSES, split, seed, size)
     landmark_path, caption_path = root / LANDMARKS_FILE, root / CAPTIONS_FILE
     landmarks = load_landmarks(landmark_path).as_dict() if landmark_path.exists() else {}
-    captions = json.loads(caption_path.read_text(encoding="utf-8")) if caption_path.exists() else {}
+    captions = _read_captions(caption_path) if caption_path.exists() else {}
     for item in tqdm(range(len(dataset)), desc=f"synthetic {split} faces", unit="image", disable=not progress):
         relative = dataset.relative_path(item)
         image_path = root / relative

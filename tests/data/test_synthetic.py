@@ -73,6 +73,7 @@ def test_a_face_is_a_pure_function_of_seed_index_and_size():
     assert face_hash(first) == face_hash(again)
     assert not np.array_equal(first.image, SyntheticFaceGenerator(8, 64).render(11).image)
     assert not np.array_equal(first.image, SyntheticFaceGenerator(7, 64).render(18).image)  # same class
+    assert face_hash(SyntheticFaceGenerator(np.int64(7), 64).render(np.int64(11))) == face_hash(first)
     script = ("import hashlib; from lldif.data.synthetic import SyntheticFaceGenerator as G; f = G(7, 64).render(11); "
               "d = hashlib.sha256(f.image.tobytes()); d.update(f.landmarks.tobytes()); d.update(f.caption.encode()); "
               "print(d.hexdigest())")
@@ -224,7 +225,8 @@ def test_classes_overlap_but_are_learnable():
         rows[1::2] = np.c_[reference[:, 1], reference[:, 0], np.zeros(68), np.ones(68)]
         a, b, shift_x, shift_y = np.linalg.lstsq(rows, face.landmarks.astype(np.float64).ravel(), rcond=None)[0]
         grey = Image.fromarray(face.image).convert("L")
-        crop_image = grey.transform((crop, crop), Image.AFFINE, (a, -b, shift_x, b, a, shift_y), Image.BILINEAR)
+        crop_image = grey.transform((crop, crop), Image.Transform.AFFINE, (a, -b, shift_x, b, a, shift_y),
+                                    Image.Resampling.BILINEAR)
         values = np.asarray(crop_image, dtype=np.float64).ravel()
         return (values - values.mean()) / (values.std() + 1e-6)
 
@@ -293,6 +295,12 @@ def test_write_synthetic_dataset_writes_a_resumable_class_tree(tmp_path, monkeyp
     assert rendered == [13]
     np.testing.assert_array_equal(read_rgb(tmp_path / path), expected.image)
     assert len(load_landmarks(tmp_path / LANDMARKS_FILE).paths) == 3 * NUM_CLASSES
+
+
+def test_write_synthetic_dataset_names_a_corrupt_captions_file(tmp_path):
+    (tmp_path / CAPTIONS_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=CAPTIONS_FILE):
+        write_synthetic_dataset(tmp_path, per_class=1, split="train", size=64, progress=False)
 
 
 def synth_parser() -> argparse.ArgumentParser:
