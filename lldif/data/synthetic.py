@@ -114,6 +114,22 @@ _BACKGROUND_COLOURS = {"blue": (70, 110, 170), "green": (90, 140, 90), "grey": (
                        "orange": (220, 140, 70), "pink": (220, 160, 175), "white": (232, 232, 228),
                        "dark": (40, 42, 48)}
 _BACKGROUND_KINDS = ("plain", "gradient", "mottled", "striped")
+_HAIR_NAMES, _BACKGROUND_NAMES = tuple(_HAIR_COLOURS), tuple(_BACKGROUND_COLOURS)
+_LIP_TINT, _BLUSH = (150, 50, 60), (235, 120, 120)
+# A face's base colours: skin, hair, iris, clothes, background, background pattern, then the fixed tints. The
+# first six vary per face by a factor in [0.85, 1.15] per channel raised to this power.
+_COLOUR_BASES = ("skin", "hair", "iris", "clothes", "background", "pattern", "lip tint", "blush")
+_COLOUR_JITTER = np.array([[1 / 3], [1 / 3], [0], [0], [1], [1]])
+# Every colour a face is drawn with, as a mix of its base colours.
+_COLOURS: dict[str, dict[str, float]] = {
+    "skin": {"skin": 1.0}, "ear": {"skin": 0.92}, "neck": {"skin": 0.78}, "crease": {"skin": 0.55},
+    "nose": {"skin": 0.5}, "nostril": {"skin": 0.35}, "cheek": {"skin": 0.85, "blush": 0.15},
+    "lips": {"skin": 0.72, "lip tint": 0.28}, "lip_line": {"skin": 0.72 * 0.45, "lip tint": 0.28 * 0.45},
+    "hair": {"hair": 1.0}, "back_hair": {"hair": 0.8}, "brow": {"hair": 0.7, "skin": 0.15}, "iris": {"iris": 1.0},
+    "clothes": {"clothes": 1.0}, "background": {"background": 1.0}, "background_pattern": {"pattern": 0.8},
+}
+_COLOUR_NAMES = tuple(_COLOURS)
+_COLOUR_MIX = np.array([[mix.get(base, 0.0) for base in _COLOUR_BASES] for mix in _COLOURS.values()])
 _BACKGROUND_VARIANTS = 8  # directions of gradients and stripes, blob layouts
 _PATTERN_OPACITY = 0.7  # the most a pattern covers the background colour
 _FRINGE_SHARE = 0.25  # of the people with hair
@@ -277,6 +293,22 @@ def _ellipse(centre: np.ndarray, radii: tuple[float, float], count: int = 16, st
     return centre + _unit_arc(count, start, stop) * radii
 
 
+# Furrow templates in unit face coordinates. Forehead lines: 3 rows of 5 points, x in half-widths from the
+# midline, y from the inner brows (each line bows up towards its middle).
+_FOREHEAD_X = np.linspace(-1.0, 1.0, 5)
+_FOREHEAD_LINES = np.stack([np.column_stack([_FOREHEAD_X, -0.035 - 0.028 * row + 0.015 * _FOREHEAD_X**2])
+                            for row in range(3)])
+_BROW_FURROWS = np.array([[[-0.016, -0.005], [-0.012, 0.035]], [[0.016, -0.005], [0.012, 0.035]]])
+_NOSE_WRINKLE_LEVELS = np.array([0.3, 0.6])[:, None, None]  # down the bridge from point 27 towards 29
+_NOSE_WRINKLES = np.array([[-0.035, 0.006], [0.0, 0.0], [0.035, 0.006]])
+# Per image side (left, right): cheek apples around (eye corner x, cheek height), nasolabial folds as offsets
+# from (nose wing, mouth corner, mouth corner), crow's feet as 3 rays from the outer eye corner.
+_CHEEK_APPLES = np.stack([(side * 0.02, 0.0) + _unit_arc(12, 0.0, 2 * math.pi) * (0.065, 0.05) for side in (1, -1)])
+_FOLDS = np.array([[[-0.03, -0.015], [-0.035, -0.03], [-0.025, 0.035]],
+                   [[0.03, -0.015], [0.035, -0.03], [0.025, 0.035]]])
+_CROWS_FEET = np.array([[[(side * 0.012, 0.0), (side * 0.045, dy)] for dy in (-0.013, 0.0, 0.013)]
+                        for side in (-1, 1)])
+
 # Iris, pupil and glint outlines around the eye centre, in eye widths.
 _EYE_DISCS = np.concatenate([0.2 * _unit_arc(20, 0.0, 2 * math.pi), 0.09 * _unit_arc(12, 0.0, 2 * math.pi),
                              (0.07, -0.07) + 0.04 * _unit_arc(8, 0.0, 2 * math.pi)])
@@ -292,24 +324,15 @@ def _draw_scene(rng: np.random.Generator) -> _Scene:
     shape_parameters = values[: len(_SHAPE_RANGES)]
     draws = dict(zip(_SCENE_RANGES, values[len(_SHAPE_RANGES):].tolist(), strict=True))
     picks = dict(zip(_CHOICES, rng.integers(0, list(_CHOICES.values())).tolist(), strict=True))
-    jitter = rng.uniform(0.85, 1.15, (4, 3))
     tone = draws["skin_tone"]
     darker = min(int(tone) + 1, len(_SKIN_TONES) - 1)
-    skin = (_SKIN_TONES[int(tone)] * (darker - tone) + _SKIN_TONES[darker] * (1 - darker + tone)) * (
-        1 + (jitter[0] - 1) / 3)
-    hair = np.array(list(_HAIR_COLOURS.values())[picks["hair_colour"]]) * jitter[1]
-    background = np.array(list(_BACKGROUND_COLOURS.values())[picks["background_colour"]])
-    lips = skin * 0.72 + np.array([150, 50, 60]) * 0.28
-    named = {
-        "skin": skin, "ear": skin * 0.92, "neck": skin * 0.78, "crease": skin * 0.55, "nose": skin * 0.5,
-        "nostril": skin * 0.35, "cheek": skin * [1.08, 0.92, 0.92], "lips": lips, "lip_line": lips * 0.45,
-        "hair": hair, "back_hair": hair * 0.8, "brow": hair * 0.7 + skin * 0.15,
-        "iris": np.array(_IRIS_COLOURS[picks["iris"]]), "clothes": rng.uniform(20, 230, 3),
-        "background": background * jitter[2], "background_pattern": background * jitter[3] * 0.8,
-    }
-    values = np.clip(np.array(list(named.values())), 0, 255).astype(int).tolist()
-    colours = {name: tuple(value) for name, value in zip(named, values, strict=True)}
-    return _Scene(shape_parameters, draws, picks, colours)
+    skin = _SKIN_TONES[int(tone)] * (darker - tone) + _SKIN_TONES[darker] * (1 - darker + tone)
+    background = _BACKGROUND_COLOURS[_BACKGROUND_NAMES[picks["background_colour"]]]
+    bases = np.array([skin, _HAIR_COLOURS[_HAIR_NAMES[picks["hair_colour"]]], _IRIS_COLOURS[picks["iris"]],
+                      rng.uniform(20, 230, 3), background, background, _LIP_TINT, _BLUSH])
+    bases[:6] *= rng.uniform(0.85, 1.15, (6, 3)) ** _COLOUR_JITTER
+    values = np.clip(_COLOUR_MIX @ bases, 0, 255).astype(int).tolist()
+    return _Scene(shape_parameters, draws, picks, dict(zip(_COLOUR_NAMES, map(tuple, values), strict=True)))
 
 
 def _draw_action_units(expression: str, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -372,8 +395,8 @@ def _head_strokes(scene: _Scene, shape: np.ndarray) -> list[_Stroke]:
     neck = np.array([shape[4] + [0.06, 0], shape[12] - [0.06, 0], [shape[12, 0] - 0.04, 1.2],
                      [shape[4, 0] + 0.04, 1.2]])
     strokes.append(_Stroke(neck, colours["neck"]))
-    strokes.append(_Stroke(_ellipse(left + np.array([-0.012, 0.07]), (0.04, 0.075), 12), colours["ear"]))
-    strokes.append(_Stroke(_ellipse(right + np.array([0.012, 0.07]), (0.04, 0.075), 12), colours["ear"]))
+    strokes.append(_Stroke(_ellipse(left + np.array([0.0, 0.07]), (0.045, 0.075), 12), colours["ear"]))
+    strokes.append(_Stroke(_ellipse(right + np.array([0.0, 0.07]), (0.045, 0.075), 12), colours["ear"]))
     forehead = _ellipse(centre, (half_width, height), 14, 0, math.pi)[1:-1]
     strokes.append(_Stroke(np.concatenate([shape[:17], forehead]), colours["skin"]))
     if style != "bald":
@@ -393,41 +416,30 @@ def _furrow_strokes(scene: _Scene, shape: np.ndarray, activity: np.ndarray) -> l
     au = {unit: max(activity[position], 0.0) for unit, position in _AU.items()}
     crease, width = scene.colours["crease"], 0.008
     strokes = []
-    brow_inner = min(shape[21, 1], shape[22, 1])
+    between_brows = np.array([0.5, min(shape[21, 1], shape[22, 1])])
     raised = max(au["AU1"], au["AU2"])
     if raised > 0.2:
+        # Inner brow raising creases the middle of the forehead, outer brow raising its whole width.
         spread = 0.08 + 0.1 * au["AU2"] / (au["AU1"] + au["AU2"])
-        xs = np.linspace(0.5 - spread, 0.5 + spread, 5)
-        bow = 0.015 * ((xs - 0.5) / spread) ** 2
-        for row in range(3):
-            strokes.append(_Stroke(np.stack([xs, brow_inner - 0.035 - 0.028 * row + bow], 1),
-                                   _with_alpha(crease, 0.5 * raised), width))
+        lines = _FOREHEAD_LINES * (spread, 1.0) + between_brows
+        strokes += [_Stroke(line, _with_alpha(crease, 0.5 * raised), width) for line in lines]
     if au["AU4"] > 0.2:
-        for side in (-1, 1):
-            strokes.append(_Stroke(np.array([[0.5 + side * 0.016, brow_inner - 0.005],
-                                             [0.5 + side * 0.012, brow_inner + 0.035]]),
-                                   _with_alpha(crease, 0.6 * au["AU4"]), width))
+        lines = _BROW_FURROWS + between_brows
+        strokes += [_Stroke(line, _with_alpha(crease, 0.6 * au["AU4"]), width) for line in lines]
     if au["AU9"] > 0.15:
-        for level in (0.3, 0.6):
-            y = shape[27, 1] + level * (shape[29, 1] - shape[27, 1])
-            strokes.append(_Stroke(np.array([[shape[28, 0] - 0.035, y + 0.006], [shape[28, 0], y],
-                                             [shape[28, 0] + 0.035, y + 0.006]]),
-                                   _with_alpha(crease, 0.7 * au["AU9"]), width))
+        bridge = shape[29, 1] - shape[27, 1]
+        lines = _NOSE_WRINKLES + _NOSE_WRINKLE_LEVELS * (0.0, bridge) + (shape[28, 0], shape[27, 1])
+        strokes += [_Stroke(line, _with_alpha(crease, 0.7 * au["AU9"]), width) for line in lines]
     cheek = au["AU6"]
     fold = 0.15 + au["AU12"] + 0.5 * (au["AU6"] + au["AU10"] + au["AU9"])
-    for wing, corner, eye_corner, side in ((31, 48, 36, -1), (35, 54, 45, 1)):
-        apple = np.array([shape[eye_corner, 0] - side * 0.02, shape[30, 1] - 0.02 - 0.02 * cheek])
-        strokes.append(_Stroke(_ellipse(apple, (0.065, 0.05), 12), _with_alpha(scene.colours["cheek"],
-                                                                               0.15 + 0.4 * cheek)))
-        fold_line = np.array([shape[wing] + [side * 0.03, -0.015], shape[corner] + [side * 0.035, -0.03],
-                              shape[corner] + [side * 0.025, 0.035]])
-        strokes.append(_Stroke(_smooth(fold_line, closed=False), _with_alpha(crease, 0.55 * fold), width))
-        if cheek > 0.3:
-            start = shape[eye_corner] + [side * 0.012, 0]
-            rays = np.array([[side * 0.033, -0.013], [side * 0.035, 0.0], [side * 0.033, 0.013]])
-            for ray in rays:
-                strokes.append(_Stroke(np.array([start, start + ray]), _with_alpha(crease, 0.5 * cheek),
-                                       width * 0.8))
+    apples = _CHEEK_APPLES + shape[[36, 45], None] * (1, 0) + (0, shape[30, 1] - 0.02 - 0.02 * cheek)
+    folds = _spline_matrix(3, 4, False) @ (shape[[[31, 48, 48], [35, 54, 54]]] + _FOLDS)
+    for apple, fold_line in zip(apples, folds, strict=True):
+        strokes += [_Stroke(apple, _with_alpha(scene.colours["cheek"], 0.15 + 0.4 * cheek)),
+                    _Stroke(fold_line, _with_alpha(crease, 0.55 * fold), width)]
+    if cheek > 0.3:
+        rays = shape[[36, 45], None, None] + _CROWS_FEET
+        strokes += [_Stroke(ray, _with_alpha(crease, 0.5 * cheek), 0.8 * width) for ray in rays.reshape(-1, 2, 2)]
     return strokes
 
 
@@ -514,11 +526,13 @@ def _lit(rgb: np.ndarray, draws: dict[str, float]) -> np.ndarray:
     ramp = np.linspace(-1 + 1 / side, 1 - 1 / side, side, dtype=np.float32)
     angle, strength, warmth = draws["light_angle"], draws["light_strength"], draws["warmth"]
     cast = np.array([1 + 0.08 * warmth, 1.0, 1 - 0.1 * warmth], dtype=np.float32) * draws["brightness"]
-    # Gains are laid out as rows of interleaved RGB, so no numpy loop runs over the 3 channels alone.
-    along_x = ((1 + strength * math.cos(angle) * ramp)[:, None] * cast).reshape(1, -1)
-    along_y = (strength * math.sin(angle) * ramp)[:, None] * np.tile(cast, side)
-    gain = along_x + along_y
-    return np.clip(rgb.reshape(side, -1) * gain, 0, 255).astype(np.uint8).reshape(rgb.shape)
+    # A gain per column (with the cast, over interleaved RGB, so no numpy loop runs over 3 channels alone)
+    # times a gain per row.
+    along_x = ((1 + strength * math.cos(angle) * ramp)[:, None] * cast).reshape(-1)
+    along_y = (1 + strength * math.sin(angle) * ramp)[:, None]
+    lit = rgb.reshape(side, -1) * along_x
+    lit *= along_y
+    return np.clip(lit, 0, 255, out=lit).astype(np.uint8).reshape(rgb.shape)
 
 
 def _caption(scene: _Scene, expression: str, intensity: float, rng: np.random.Generator) -> str:
@@ -532,7 +546,7 @@ def _caption(scene: _Scene, expression: str, intensity: float, rng: np.random.Ge
         strength = _INTENSITY_WORDS[0 if intensity < WEAK_INTENSITY[1] else 1 if intensity < 0.7 else 2]
         feeling = " ".join(filter(None, ("looking", strength[int(choice[1] * len(strength))], adjective)))
     style = _HAIR_STYLES[picks["hair_style"]]
-    hair = "a bald head" if style == "bald" else f"{style} {list(_HAIR_COLOURS)[picks['hair_colour']]} hair"
+    hair = "a bald head" if style == "bald" else f"{style} {_HAIR_NAMES[picks['hair_colour']]} hair"
     if style != "bald" and d["fringe"] < _FRINGE_SHARE:
         hair += " with a fringe"
     skin = _SKIN_WORDS[round(d["skin_tone"])]
@@ -552,7 +566,7 @@ def _caption(scene: _Scene, expression: str, intensity: float, rng: np.random.Ge
     if abs(d["warmth"]) > 0.5:
         details.append(f"in {'warm' if d['warmth'] > 0 else 'cool'} light")
     if choice[3] < 0.5:
-        colour = list(_BACKGROUND_COLOURS)[picks["background_colour"]]
+        colour = _BACKGROUND_NAMES[picks["background_colour"]]
         details.append(f"against a {_BACKGROUND_KINDS[picks['background_kind']]} {colour} background")
     return ", ".join(details)
 
