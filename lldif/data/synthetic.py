@@ -743,7 +743,11 @@ def add_synth_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         test_per_class = max(1, args.per_class // 5) if args.test_per_class is None else args.test_per_class
         for split, per_class in (("train", args.per_class), ("test", test_per_class)):
-            if per_class:
+            if not per_class:
+                continue
+            try:
                 write_synthetic_dataset(args.out_dir, per_class, split, args.seed, args.size, not args.quiet)
+            except (OSError, ValueError) as error:
+                parser.error(f"OUT_DIR {args.out_dir}: {error}")
 
     parser.set_defaults(run=run)

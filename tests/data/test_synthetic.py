@@ -318,6 +318,15 @@ def test_synth_command_writes_both_splits(tmp_path):
     assert len(load_landmarks(tmp_path / LANDMARKS_FILE).paths) == 2 * NUM_CLASSES
 
 
+def test_synth_command_reports_an_unusable_out_dir_in_one_line(tmp_path, capsys):
+    (tmp_path / CAPTIONS_FILE).write_text("[]", encoding="utf-8")
+    args = synth_parser().parse_args(["synth", str(tmp_path), "--per-class", "1", "--size", "64", "--quiet"])
+    with pytest.raises(SystemExit):
+        args.run(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "OUT_DIR" in errors[0] and CAPTIONS_FILE in errors[0]
+
+
 @pytest.mark.parametrize(("arguments", "named"), [
     (["--per-class", "0"], "--per-class"),
     (["--per-class", "two"], "--per-class"),
