@@ -6,6 +6,7 @@ import argparse
 
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
+from .data.synthetic import add_synth_command
 
 
 def _add_demo_command(commands: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(commands)
     add_make_lowlight_command(commands)
     add_landmarks_command(commands)
+    add_synth_command(commands)
     return parser
 
 

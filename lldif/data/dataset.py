@@ -95,23 +95,11 @@ class FaceDataset(torch.utils.data.Dataset):
                              + (f" ({len(skipped)} skipped, first: {skipped[0].key}: {skipped[0].reason})"
                                 if skipped else ""))
         self.landmarks = self._read_landmarks(root / LANDMARKS_FILE)
-        self.captions = self._read_captions(root / CAPTIONS_FILE)
+        self.captions = read_captions(root / CAPTIONS_FILE)
 
     @staticmethod
     def _read_landmarks(path: Path) -> dict[str, np.ndarray]:
         return load_landmarks(path).as_dict() if path.is_file() else {}
-
-    @staticmethod
-    def _read_captions(path: Path) -> dict[str, str]:
-        if not path.is_file():
-            return {}
-        try:
-            captions = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not a JSON file of captions ({error})") from None
-        if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
-            raise ValueError(f"{path}: must map image paths to caption strings")
-        return captions
 
     def __len__(self) -> int:
         return len(self.records)
@@ -169,6 +157,19 @@ class FaceDataset(torch.utils.data.Dataset):
         writer.writerows((item.key, item.reason) for item in self.skipped)
         write_atomic(path, lambda file: file.write(text.getvalue().encode("utf-8")))
         return path
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """The {image key: caption} map of a dataset's captions file; empty when the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        captions = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON file of captions ({error})") from None
+    if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
+        raise ValueError(f"{path}: must map image paths to caption strings")
+    return captions
 
 
 def image_records(root: Path, labelled: Iterable[tuple[Path, int | str]],

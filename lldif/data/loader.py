@@ -190,16 +190,23 @@ class FaceDataModule:
 
 
 def open_dataset(spec: str, split: str, **options) -> FaceSource:
-    """A reader from a data spec `KIND:PATH` (`rafdb`, `ferplus`, `kdef`, `folder`) or a bare folder path."""
+    """A face source from a data spec: `KIND:PATH` with KIND one of `rafdb`, `ferplus`, `kdef`, `folder`, a bare
+    folder path, or `synthetic:N` for N synthetic faces of the split (options go to the reader)."""
     from .ferplus import FERPlus
     from .folder import ImageFolder
     from .kdef import KDEF
     from .rafdb import RAFDB
+    from .synthetic import SyntheticFaceDataset
 
     readers = {"rafdb": RAFDB, "ferplus": FERPlus, "kdef": KDEF, "folder": ImageFolder}
     kind, _, path = spec.partition(":")
+    if kind == "synthetic":
+        if not path.isdigit() or int(path) < 1:
+            raise ValueError(f"data spec {spec!r}: write synthetic:N with N the number of faces, e.g. synthetic:700")
+        return SyntheticFaceDataset(int(path), split, **options)
     if not path:
         kind, path = "folder", spec
     if kind not in readers:
-        raise ValueError(f"data spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(readers)} as KIND:PATH")
+        raise ValueError(f"data spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(readers)} as KIND:PATH, "
+                         "or synthetic:N")
     return readers[kind](Path(path), split, **options)

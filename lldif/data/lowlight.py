@@ -37,6 +37,7 @@ from types import MappingProxyType
 import numpy as np
 from tqdm import tqdm
 
+from ..argtypes import non_negative_int
 from .images import ImageReadError, is_image_file, read_rgb, write_atomic, write_rgb
 
 RECORD_FILE = "lowlight.json"
@@ -430,16 +431,6 @@ def convert_folder(src: str | os.PathLike, dst: str | os.PathLike, preset: str =
     return report
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
 def add_make_lowlight_command(commands: argparse._SubParsersAction) -> None:
     """Registers `lldif make-lowlight SRC DST [--preset] [--seed] [--workers]`."""
     parser = commands.add_parser(
@@ -450,9 +441,9 @@ def add_make_lowlight_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="paper",
                         help="how dark: paper (mean ~5-15%% of full scale, the paper's look), dark (milder, ~10-30%%), "
                              "extreme (darker, ~1.5-6.5%%); default paper")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the per-image darkening (same seed, same bytes); default 0")
-    parser.add_argument("--workers", type=_non_negative_int, default=0,
+    parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="worker processes (0: convert in this process); output does not depend on it")
 
     def run(args: argparse.Namespace) -> None:

@@ -24,14 +24,14 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, ImageDraw
 
+from ..argtypes import integer_at_least, non_negative_int, positive_int
+from .dataset import CAPTIONS_FILE, SPLITS, FaceSample, read_captions
 from .face_layout import FLIP_68, MEAN_SHAPE_68_UNIT
 from .images import write_atomic, write_rgb
 from .labels import EXPRESSIONS, NUM_CLASSES
 from .landmark_cache import LANDMARKS_FILE, LandmarkTable, load_landmarks, save_landmarks
 
-CAPTIONS_FILE = "captions.json"
 MIN_SIZE = 32
-SPLITS = ("train", "test")
 # Test faces are drawn at indices from here on, so they never repeat a training face; a multiple of the
 # class count keeps face i of either split the same class.
 TEST_INDEX_START = NUM_CLASSES * 2**28
@@ -648,25 +648,16 @@ class SyntheticFaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, item: int) -> SyntheticFace:
+    def __getitem__(self, item: int) -> FaceSample:
         if not 0 <= item < self.num_images:
             raise IndexError(f"item {item} out of range for {self.num_images} synthetic faces")
-        return self.generator.render(self.first_index + item)
+        face = self.generator.render(self.first_index + item)
+        return FaceSample(face.image, face.label, face.landmarks, face.caption, self.relative_path(item))
 
     def relative_path(self, item: int) -> str:
         """Where `write_synthetic_dataset` puts face `item`, relative to the dataset root."""
         expression = EXPRESSIONS[(self.first_index + item) % NUM_CLASSES]
         return f"{self.split}/{expression}/{self.split}_{item:06d}.png"
-
-
-def _read_captions(path: Path) -> dict[str, str]:
-    try:
-        captions = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a captions file ({error})") from None
-    if not isinstance(captions, dict):
-        raise ValueError(f"{path}: not a captions file (expected an object of path: caption)")
-    return captions
 
 
 def write_synthetic_dataset(root: str | os.PathLike, per_class: int, split: str, seed: int = 0, size: int = 112,
@@ -681,7 +672,7 @@ def write_synthetic_dataset(root: str | os.PathLike, per_class: int, split: str,
     dataset = SyntheticFaceDataset(per_class * NUM_CLASSES, split, seed, size)
     landmark_path, caption_path = root / LANDMARKS_FILE, root / CAPTIONS_FILE
     landmarks = load_landmarks(landmark_path).as_dict() if landmark_path.exists() else {}
-    captions = _read_captions(caption_path) if caption_path.exists() else {}
+    captions = read_captions(caption_path)
     for item in tqdm(range(len(dataset)), desc=f"synthetic {split} faces", unit="image", disable=not progress):
         relative = dataset.relative_path(item)
         image_path = root / relative
@@ -699,33 +690,6 @@ def write_synthetic_dataset(root: str | os.PathLike, per_class: int, split: str,
     write_atomic(caption_path, lambda file: file.write(text.encode("utf-8")))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _image_size(text: str) -> int:
-    value = _positive_int(text)
-    if value < MIN_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_SIZE} pixels, got {text!r}")
-    return value
-
-
 def add_synth_command(commands: argparse._SubParsersAction) -> None:
     """Registers `lldif synth`, which writes a synthetic expression-face dataset (train and test splits)."""
     parser = commands.add_parser(
@@ -733,11 +697,12 @@ def add_synth_command(commands: argparse._SubParsersAction) -> None:
         description="Writes synthetic cartoon expression faces as OUT_DIR/<split>/<expression>/*.png with "
                     "landmarks.npz and captions.json; re-running with the same arguments resumes.")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the dataset into")
-    parser.add_argument("--per-class", type=_positive_int, required=True, help="training faces per expression")
-    parser.add_argument("--test-per-class", type=_non_negative_int, default=None,
+    parser.add_argument("--per-class", type=positive_int, required=True, help="training faces per expression")
+    parser.add_argument("--test-per-class", type=non_negative_int, default=None,
                         help="test faces per expression (default: a fifth of --per-class, at least 1; 0 for none)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="generator seed (default 0)")
-    parser.add_argument("--size", type=_image_size, default=112, help="image side in pixels (default 112)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="generator seed (default 0)")
+    parser.add_argument("--size", type=integer_at_least(MIN_SIZE, "pixels"), default=112,
+                        help="image side in pixels (default 112)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> None:

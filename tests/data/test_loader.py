@@ -12,6 +12,7 @@ from PIL import Image
 from lldif.data.dataset import FaceSample
 from lldif.data.folder import ImageFolder
 from lldif.data.loader import IMAGENET_MEAN, IMAGENET_STD, Augmentation, FaceDataModule, open_dataset
+from lldif.data.lowlight import LowLight
 
 
 class Dots:
@@ -184,3 +185,17 @@ def test_open_dataset_specs(tmp_path):
         open_dataset("affectnet:/x", "train")
     with pytest.raises(FileNotFoundError, match="RAF-DB folder not found"):
         open_dataset(f"rafdb:{tmp_path / 'none'}", "train")
+    with pytest.raises(ValueError, match="write synthetic:N"):
+        open_dataset("synthetic:many", "train")
+
+
+def test_synthetic_low_light_batches():
+    train, test = open_dataset("synthetic:14", "train", size=64), open_dataset("synthetic:7", "test", size=64)
+    module = FaceDataModule(train, test, image_size=64, batch_size=7, lowlight=LowLight(seed=0), progress=False)
+    batch = next(iter(module.test_dataloader()))
+    assert batch.label.tolist() == list(range(7)) and batch.landmarks.shape == (7, 68, 2)
+    assert batch.key[0] == "test/surprise/test_000000.png" and "synthetic" in batch.caption[0]
+    pixels = batch.image * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert float(pixels.mean()) < 0.2  # the paper preset's mean brightness is 5-15 % of full scale
+    again = next(iter(module.test_dataloader()))
+    assert torch.equal(batch.image, again.image)
