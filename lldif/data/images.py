@@ -16,6 +16,16 @@ MIN_IMAGE_SIDE = 16  # below this a face cannot be recognised; such files are re
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Temporary files are created private (0600); the renamed result gets the mode a plain open() would give.
+_NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 class ImageReadError(ValueError):
     """A file that cannot be used as a face image; `reason` says why in a few words."""
 
@@ -76,6 +86,7 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
+            os.fchmod(file.fileno(), _NEW_FILE_MODE)
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:

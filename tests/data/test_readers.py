@@ -13,7 +13,7 @@ from lldif.data.dataset import default_caption
 from lldif.data.face_layout import mean_shape
 from lldif.data.ferplus import VOTE_COLUMNS, FERPlus, majority_label
 from lldif.data.folder import ImageFolder
-from lldif.data.images import ImageReadError, read_rgb, to_rgb
+from lldif.data.images import ImageReadError, read_rgb, to_rgb, write_atomic, write_rgb
 from lldif.data.kdef import KDEF
 from lldif.data.labels import EXPRESSIONS, label_index
 from lldif.data.landmark_cache import LandmarkTable, save_landmarks
@@ -342,3 +342,21 @@ def test_dataset_with_only_bad_images_fails_clearly(tmp_path):
     dataset = ImageFolder(tmp_path)
     with pytest.raises(ValueError, match="none of the 1 images can be read"):
         dataset.drop_unreadable(progress=False)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_the_usual_mode(tmp_path):
+    target = tmp_path / "out.png"
+    write_rgb(target, face(0))
+    (tmp_path / "plain").write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    before = target.read_bytes()
+
+    def fail(file):
+        file.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, fail)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "plain"]
+    with pytest.raises(ValueError, match="rgb must be an"):
+        write_rgb(target, face(0).astype(np.float32))
