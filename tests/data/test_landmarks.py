@@ -3,7 +3,6 @@ stretch that finds faces in the dark, and the dataset landmark file with its res
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import sys
 
@@ -14,6 +13,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from lldif.cli import main
 from lldif.data import landmarks
 from lldif.data.face_layout import five_from_68, flip_landmarks, mean_shape
 from lldif.data.images import write_rgb
@@ -21,7 +21,6 @@ from lldif.data.landmark_cache import load_landmarks
 from lldif.data.landmarks import (
     LandmarkDetector,
     LandmarkFileError,
-    add_landmarks_command,
     compute_landmarks,
     contrast_stretch,
 )
@@ -212,13 +211,6 @@ def dataset(tmp_path):
     return root
 
 
-def run_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lldif")
-    add_landmarks_command(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.run(args)
-
-
 def test_compute_landmarks_writes_found_fallback_and_unreadable(dataset, monkeypatch, capsys):
     report = compute_landmarks(dataset, progress=False)
     assert (report.images, report.found, report.fallback, report.reused) == (4, 2, 1, 0)
@@ -234,7 +226,7 @@ def test_compute_landmarks_writes_found_fallback_and_unreadable(dataset, monkeyp
 
     # A second run resumes: nothing is detected again and the command reports what the file holds.
     monkeypatch.setattr(LandmarkDetector, "detect", lambda self, rgb: pytest.fail("resumed run detected again"))
-    run_command(["landmarks", str(dataset)])
+    main(["landmarks", str(dataset)])
     assert capsys.readouterr().out.strip() == (
         f"landmarks: 4 images, 2 found, 1 mean-shape fallback, 1 unreadable (3 from an earlier run) -> "
         f"{dataset / 'landmarks.npz'}")
@@ -268,13 +260,13 @@ def test_resume_refuses_a_file_of_other_points(dataset, capsys):
     with pytest.raises(LandmarkFileError, match="5-point"):
         compute_landmarks(dataset, out, kind="dlib68", progress=False)
     with pytest.raises(SystemExit) as exit_info:
-        run_command(["landmarks", str(dataset), "--out", str(out), "--detector", "dlib68"])
+        main(["landmarks", str(dataset), "--out", str(out), "--detector", "dlib68"])
     assert exit_info.value.code == 2
     assert "--out:" in capsys.readouterr().err
 
 
 def test_command_rejects_a_missing_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_command(["landmarks", str(tmp_path / "absent")])
+        main(["landmarks", str(tmp_path / "absent")])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "DATA_DIR" in error and "not a directory" in error

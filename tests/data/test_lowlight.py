@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -14,12 +13,12 @@ import pytest
 from PIL import Image
 
 import lldif
+from lldif.cli import main
 from lldif.data.images import read_rgb, write_rgb
 from lldif.data.lowlight import (
     PRESETS,
     LowLight,
     LowLightParams,
-    add_make_lowlight_command,
     convert_folder,
     image_rng,
     linear_to_srgb,
@@ -309,15 +308,8 @@ def test_converter_output_does_not_depend_on_worker_processes(dataset, tmp_path)
     assert tree_hashes(tmp_path / "pool") == tree_hashes(tmp_path / "inline")
 
 
-def run_cli(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lldif")
-    add_make_lowlight_command(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.run(args)
-
-
 def test_cli_converts_and_prints_a_one_line_summary(dataset, tmp_path, capsys):
-    run_cli(["make-lowlight", str(dataset), str(tmp_path / "dst"), "--preset", "extreme", "--seed", "3"])
+    main(["make-lowlight", str(dataset), str(tmp_path / "dst"), "--preset", "extreme", "--seed", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     assert "5 converted, 0 already done, 2 copied, 1 unreadable" in lines[0]
@@ -329,7 +321,7 @@ def test_cli_converts_and_prints_a_one_line_summary(dataset, tmp_path, capsys):
 ])
 def test_cli_bad_arguments_give_one_error_line_naming_the_argument(dataset, tmp_path, capsys, argv, named):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["make-lowlight", str(dataset), str(tmp_path / "dst"), *argv])
+        main(["make-lowlight", str(dataset), str(tmp_path / "dst"), *argv])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
@@ -337,7 +329,7 @@ def test_cli_bad_arguments_give_one_error_line_naming_the_argument(dataset, tmp_
 
 def test_cli_refuses_dst_inside_src_without_a_traceback(dataset, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["make-lowlight", str(dataset), str(dataset / "low")])
+        main(["make-lowlight", str(dataset), str(dataset / "low")])
     assert exit_info.value.code == 2
     assert "inside SRC" in capsys.readouterr().err
     assert not (dataset / "low").exists()

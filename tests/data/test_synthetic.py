@@ -3,7 +3,6 @@ that move the right features, captions, the dataset writer and the `lldif synth`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lldif.cli import main
 from lldif.data.face_layout import mean_shape
 from lldif.data.images import read_rgb
 from lldif.data.labels import EXPRESSIONS, NUM_CLASSES, label_index
@@ -25,7 +25,6 @@ from lldif.data.synthetic import (
     SyntheticFace,
     SyntheticFaceDataset,
     SyntheticFaceGenerator,
-    add_synth_command,
     write_synthetic_dataset,
 )
 
@@ -303,16 +302,9 @@ def test_write_synthetic_dataset_names_a_corrupt_captions_file(tmp_path):
         write_synthetic_dataset(tmp_path, per_class=1, split="train", size=64, progress=False)
 
 
-def synth_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lldif")
-    add_synth_command(parser.add_subparsers())
-    return parser
-
-
 def test_synth_command_writes_both_splits(tmp_path):
-    args = synth_parser().parse_args(["synth", str(tmp_path), "--per-class", "1", "--test-per-class", "1",
-                                      "--size", "64", "--seed", "2", "--quiet"])
-    args.run(args)
+    main(["synth", str(tmp_path), "--per-class", "1", "--test-per-class", "1", "--size", "64", "--seed", "2",
+          "--quiet"])
     assert len(list((tmp_path / "train").rglob("*.png"))) == NUM_CLASSES
     assert len(list((tmp_path / "test").rglob("*.png"))) == NUM_CLASSES
     assert len(load_landmarks(tmp_path / LANDMARKS_FILE).paths) == 2 * NUM_CLASSES
@@ -320,9 +312,8 @@ def test_synth_command_writes_both_splits(tmp_path):
 
 def test_synth_command_reports_an_unusable_out_dir_in_one_line(tmp_path, capsys):
     (tmp_path / CAPTIONS_FILE).write_text("[]", encoding="utf-8")
-    args = synth_parser().parse_args(["synth", str(tmp_path), "--per-class", "1", "--size", "64", "--quiet"])
     with pytest.raises(SystemExit):
-        args.run(args)
+        main(["synth", str(tmp_path), "--per-class", "1", "--size", "64", "--quiet"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "OUT_DIR" in errors[0] and CAPTIONS_FILE in errors[0]
 
@@ -336,7 +327,7 @@ def test_synth_command_reports_an_unusable_out_dir_in_one_line(tmp_path, capsys)
 ])
 def test_synth_command_rejects_bad_arguments_in_one_line(tmp_path, capsys, arguments, named):
     with pytest.raises(SystemExit) as exit_info:
-        synth_parser().parse_args(["synth", str(tmp_path), *arguments])
+        main(["synth", str(tmp_path), *arguments])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and named in errors[0]
