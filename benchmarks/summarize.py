@@ -2,8 +2,8 @@
 
     python benchmarks/summarize.py results.json > results.md
 
-One row per benchmark: per-call median, GB/s and its fraction of the same-run clone bandwidth, TFLOP/s and
-peak memory where the benchmark records them, and the speed-up over the `eager` and `compile` providers of
+One row per benchmark: per-call median, GB/s and its fraction of the same-run clone bandwidth, TFLOP/s,
+peak memory and images/s where the benchmark records them, and the speed-up over the `eager` and `compile` providers of
 the same group (same op, pass and shape).
 """
 
@@ -28,18 +28,19 @@ def summarize(report: dict) -> str:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs; "
         f"{report.get('datetime', '')}",
         "",
-        "| group | provider | ms / call | GB/s | x clone bandwidth | TFLOP/s | peak MB | vs eager | vs compile |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| group | provider | ms / call | GB/s | x clone bandwidth | TFLOP/s | peak MB | images/s | vs eager "
+        "| vs compile |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group, by_provider in groups.items():
-        ms = {p: b["extra_info"]["ms_per_call"] for p, b in by_provider.items()}
+        ms = {p: b["extra_info"].get("ms_per_call", b["stats"]["median"] * 1e3) for p, b in by_provider.items()}
         for provider, bench in by_provider.items():
             info = bench["extra_info"]
             ratios = [f"{ms[base] / ms[provider]:.2f}x" if base in ms else "-" for base in ("eager", "compile")]
             lines.append(
                 f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '-')} | "
                 f"{info.get('fraction_of_clone_bandwidth', '-')} | {info.get('TFLOP/s', '-')} | "
-                f"{info.get('peak_MB', '-')} | {ratios[0]} | {ratios[1]} |"
+                f"{info.get('peak_MB', '-')} | {info.get('images_per_s', '-')} | {ratios[0]} | {ratios[1]} |"
             )
     return "\n".join(lines) + "\n"
 
