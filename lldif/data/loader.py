@@ -162,12 +162,20 @@ class FaceDataModule:
             p.requires_grad for p in text_embedder.parameters())
         self.embed = None if trainable else text_embedder
         self.skipped: dict[str, list[SkippedRecord]] = {}
+        self.skip_lists: list[Path] = []
         for split, source in (("train", train), ("test", test)):
             if check_images and hasattr(source, "drop_unreadable"):
                 source.drop_unreadable(progress=progress)
             self.skipped[split] = list(getattr(source, "skipped", []))
             if run_dir is not None and hasattr(source, "write_skipped"):
-                source.write_skipped(run_dir)
+                self.skip_lists.append(source.write_skipped(run_dir))
+
+    def summary(self) -> str:
+        """One line: faces per split, how many were left out, and where the lists of them are."""
+        counts = "; ".join(f"{split} {len(source)} faces, {len(self.skipped[split])} left out"
+                           for split, source in (("train", self.train), ("test", self.test)))
+        lists = f" (listed in {', '.join(map(str, self.skip_lists))})" if self.skip_lists else ""
+        return f"data: {counts}{lists}"
 
     def _loader(self, source: FaceSource, epoch: int, train: bool) -> BatchLoader:
         view = _EpochView(source, self.image_size, self.seed, epoch, self.augmentation if train else None,

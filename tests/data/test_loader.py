@@ -149,12 +149,15 @@ def write_faces(root: Path, names: list[str]) -> None:
 def test_bad_images_are_left_out_before_the_first_batch(tmp_path):
     write_faces(tmp_path / "data", ["a.png", "bad.png", "b.png"])
     dataset = ImageFolder(tmp_path / "data")
-    module = FaceDataModule(dataset, ImageFolder(tmp_path / "data"), image_size=16, batch_size=8,
+    module = FaceDataModule(dataset, ImageFolder(tmp_path / "data", "test"), image_size=16, batch_size=8,
                             run_dir=tmp_path / "run", progress=False)
     assert [s.key for s in module.skipped["train"]] == ["happy/bad.png"]
     assert (tmp_path / "run" / "folder_train_skipped_images.csv").read_text().splitlines()[1].startswith(
         "happy/bad.png,not an image")
     assert sorted(k for b in module.train_dataloader() for k in b.key) == ["happy/a.png", "happy/b.png"]
+    assert module.summary() == (f"data: train 2 faces, 1 left out; test 2 faces, 1 left out (listed in "
+                                f"{tmp_path / 'run' / 'folder_train_skipped_images.csv'}, "
+                                f"{tmp_path / 'run' / 'folder_test_skipped_images.csv'})")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
