@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lldif_kernels
-from lldif.models.config import DTNetConfig, lldif_base, lldif_tiny
+from lldif.models.config import lldif_base, lldif_tiny
 from lldif.models.dtnet import DTNet, GatedDepthwiseFeedForward, TransformerBlock
 
 
 def _model(config, seed: int = 0, **overrides) -> DTNet:
     torch.manual_seed(seed)
-    dtnet = DTNetConfig(**{**config.dtnet.__dict__, **overrides})
+    dtnet = dataclasses.replace(config.dtnet, **overrides)
     return DTNet(dtnet, config.prior.dim, config.in_channels, backend=config.backend)
 
 
@@ -42,6 +43,19 @@ def test_tiny_shapes_and_taps(taps: str) -> None:
     out = model(image, z)
     assert [tuple(o.shape) for o in out] == _expected_shapes(config, 2)
     assert all(o.isfinite().all() for o in out)
+
+
+def test_parameter_names_follow_restormer() -> None:
+    names = set(_model(lldif_tiny()).state_dict())
+    restormer = {"patch_embed.proj.weight", "down1_2.body.0.weight", "down3_4.body.0.weight", "up4_3.body.0.weight",
+                 "reduce_chan_level3.weight", "reduce_chan_level2.weight", "latent.0.attn.temperature",
+                 "encoder_level1.0.attn.qkv.weight", "encoder_level1.0.attn.qkv_dwconv.weight",
+                 "encoder_level1.0.attn.project_out.weight", "decoder_level2.0.ffn.project_in.weight",
+                 "decoder_level2.0.ffn.dwconv.weight", "decoder_level2.0.ffn.project_out.weight",
+                 "decoder_level3.0.norm1.weight", "decoder_level3.0.norm2.bias"}
+    assert restormer <= names
+    # DiffIR's attn.kernel / ffn.kernel, moved into the two norms of each block.
+    assert {"encoder_level1.0.norm1.kernel.weight", "encoder_level1.0.norm2.kernel.weight"} <= names
 
 
 def test_encoder_taps_are_the_encoder_outputs() -> None:
