@@ -210,7 +210,7 @@ class HeatmapLandmarkEncoder(nn.Module):
             for c_in, c_out in zip(ins, (dims[0], *dims), strict=True))
 
     def forward(self, points: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        heatmaps = render_heatmaps(points.detach().float(), size, self.sigma)
+        heatmaps = render_heatmaps(points.detach().to(self.stem[0].weight.dtype), size, self.sigma)
         x1 = self.stage1(self.stem(heatmaps))
         x2 = self.stage2(x1)
         return x1, x2, self.stage3(x2)
