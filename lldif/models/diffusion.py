@@ -112,8 +112,8 @@ class PriorDiffusion(nn.Module):
                 z = z + self.posterior_variance[i].sqrt() * noise
         return z
 
-    def training_prior(self, z_teacher: torch.Tensor, c: torch.Tensor, steps: int | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def training_prior(self, z_teacher: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None,
+                       *, steps: int | None = None) -> torch.Tensor:
         """Stage 2: start from q_sample(Z, steps-1) ("insert noise") or N(0, I), then reverse."""
         check_shape(c, "c", (None, self.dim))
         if not self.use_diffusion:
@@ -126,8 +126,8 @@ class PriorDiffusion(nn.Module):
             z_T = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
         return self.reverse(c, z_T, steps, generator)
 
-    def sample(self, c: torch.Tensor, steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, c: torch.Tensor, generator: torch.Generator | None = None, *,
+               steps: int | None = None) -> torch.Tensor:
         """Inference: reverse from N(0, I); a seeded `generator` makes it repeatable."""
         check_shape(c, "c", (None, self.dim))
         if not self.use_diffusion:
