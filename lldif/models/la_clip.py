@@ -131,8 +131,9 @@ class LAClip(nn.Module):
         return loss + symmetric_contrastive_loss(label_embedding, prompts[labels], scale)
 
     def freeze_visual(self) -> None:
-        """Freezes the image tower (after loading pretrained CLIP weights into it)."""
+        """Freezes the image tower (after loading pretrained CLIP weights into it), also for later stages."""
         self.visual.requires_grad_(False)
+        self.visual.frozen = True
 
 
 def symmetric_contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,257 @@
+"""LLDif (SPEC 2): LA-CLIP -> PNET_S1 -> prior Z (stages 0-1), PNET_S2 + 4-step diffusion -> prior Z-hat (stage 2
+and inference), and the LLformer (DTNet + DLNet + fusion head) that classifies an image under a prior."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lldif_kernels.nn import ModulatedLayerNorm, TransposedAttention, WindowCrossAttention
+from lldif_kernels.profiling import nvtx_range
+
+from ..data.images import write_atomic
+from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
+from .config import LLDifConfig, lldif_base
+from .diffusion import PriorDiffusion
+from .dlnet import DLNet
+from .dtnet import DTNet
+from .fusion import FusionHead
+from .la_clip import LAClip
+from .losses import classification_loss, prior_loss
+from .pnet import PNetS1, PNetS2
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+STAGES = (0, 1, 2)
+
+
+class StageLosses(NamedTuple):
+    """A training stage's loss (`total`, the one to back-propagate) and its parts."""
+
+    total: torch.Tensor
+    classification: torch.Tensor
+    prior: torch.Tensor
+
+
+def _batch_field(batch: Any, name: str) -> Any:
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+class LLDif(nn.Module):
+    """The LLDif model. Images are (B, 3, S, S) with S = `config.image_size`, normalised with ImageNet's mean and
+    std (as `lldif.data.loader` gives them); landmarks, when the landmark features are heatmaps, are (B, P, 2) in
+    pixels of those images. `forward` is the inference path and needs neither labels nor LA-CLIP."""
+
+    def __init__(self, config: LLDifConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = lldif_base() if config is None else config
+        if config.in_channels != 3:
+            raise ValueError(f"config.in_channels must be 3 (the backbones take RGB), got {config.in_channels}")
+        side = config.internal_size
+        self.la_clip = LAClip(config.la_clip)
+        self.pnet_s1 = PNetS1(config.prior, config.la_clip.embed_dim, config.la_clip.embed_dim)
+        self.pnet_s2 = PNetS2(config.prior, config.in_channels)
+        self.diffusion = PriorDiffusion(config.prior)
+        self.dtnet = DTNet(config.dtnet, config.prior.dim, config.in_channels, backend=config.backend)
+        self.dlnet = DLNet(config.dlnet, side, backend=config.backend)
+        self.head = FusionHead(config.fusion, self.dtnet.tap_channels, self.dlnet.out_channels, config.num_classes,
+                               (side // 4, side // 8, side // 16))
+        # Frozen text-encoder embeddings of the K label prompts (`set_label_prompts`), saved with the weights.
+        self.register_buffer("label_prompt_embeddings", torch.zeros(config.num_classes, config.la_clip.text_dim))
+        self.stage = 2
+
+    # ---------------------------------------------------------------------------------------------------------
+    # inputs
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        size, channels = self.config.image_size, self.config.in_channels
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != channels \
+                or tuple(images.shape[2:]) != (size, size):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be (B, {channels}, {size}, {size}) (config.image_size = {size}), "
+                             f"got {shape}")
+
+    def _internal(self, images: torch.Tensor, landmarks: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The images at the LLformer's resolution (nearest, as POSTER++) and the landmarks scaled to match."""
+        self._check_images(images)
+        side, size = self.config.internal_size, self.config.image_size
+        if landmarks is not None:
+            if landmarks.dim() != 3 or landmarks.shape[0] != images.shape[0] or landmarks.shape[2] != 2:
+                raise ValueError(f"landmarks must be (B, P, 2) pixels with B = {images.shape[0]}, "
+                                 f"got {tuple(landmarks.shape)}")
+            landmarks = landmarks * (side / size)
+        if side != size:
+            images = F.interpolate(images, size=(side, side), mode="nearest")
+        return images, landmarks
+
+    def _clip_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The images as LA-CLIP sees them: its input size, CLIP's normalisation."""
+        def stats(values: tuple[float, ...]) -> torch.Tensor:
+            return images.new_tensor(values).view(1, 3, 1, 1)
+
+        pixels = images * stats(IMAGENET_STD) + stats(IMAGENET_MEAN)
+        side = self.config.la_clip.image_size
+        if pixels.shape[-1] != side:
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return (pixels - stats(CLIP_MEAN)) / stats(CLIP_STD)
+
+    def set_label_prompts(self, embeddings: torch.Tensor) -> None:
+        """Stores the frozen text embeddings (K, text_dim) of the label prompts (`lldif.data.text.label_prompts`)."""
+        expected = tuple(self.label_prompt_embeddings.shape)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"embeddings must be {expected} (num_classes, la_clip.text_dim), "
+                             f"got {tuple(embeddings.shape)}")
+        self.label_prompt_embeddings.copy_(embeddings.detach())
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the model's paths
+
+    def llformer(self, images: torch.Tensor, landmarks: torch.Tensor | None, prior: torch.Tensor) -> torch.Tensor:
+        """Logits of images at the internal size under a prior (B, prior.dim): DTNet, DLNet, fusion head."""
+        with nvtx_range("lldif::dtnet"):
+            restoration = self.dtnet(images, prior)
+        with nvtx_range("lldif::dlnet"):
+            landmark = self.dlnet(images, landmarks)
+        with nvtx_range("lldif::fusion"):
+            return self.head(restoration, landmark)
+
+    def teacher_prior(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Z = PNET_S1(LA-CLIP(images), label embedding) (Eq. 1); LA-CLIP runs without gradient."""
+        with nvtx_range("lldif::la_clip"), torch.no_grad():
+            image_embedding, predicted_label = self.la_clip.encode(self._clip_view(images))
+            if self.config.prior.pnet_s1_label == "ground_truth":
+                label_embedding = self.la_clip.embed_text(self.label_prompt_embeddings)[labels]
+            else:
+                label_embedding = predicted_label
+        with nvtx_range("lldif::pnet_s1"):
+            return self.pnet_s1(image_embedding, label_embedding)
+
+    def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inference logits (B, num_classes): PNET_S2, T reverse steps from N(0, I) (`generator` makes them
+        repeatable), then the LLformer."""
+        internal, landmarks = self._internal(images, landmarks)
+        with nvtx_range("lldif::pnet_s2"):
+            condition = self.pnet_s2(internal)
+        with nvtx_range("lldif::diffusion"):
+            prior = self.diffusion.sample(condition, generator)
+        return self.llformer(internal, landmarks, prior)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class probabilities (B, num_classes) of the inference path, without gradient."""
+        return self.forward(images, landmarks, generator=generator).softmax(dim=-1)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # training
+
+    def la_clip_loss(self, batch: Any) -> torch.Tensor:
+        """Stage 0: LA-CLIP's loss on a batch with `image`, `label` and `caption_embedding`."""
+        images = _batch_field(batch, "image")
+        self._check_images(images)
+        return self.la_clip.loss(self._clip_view(images), _batch_field(batch, "caption_embedding"),
+                                 _batch_field(batch, "label"), self.label_prompt_embeddings)
+
+    def stage1_loss(self, batch: Any) -> StageLosses:
+        """Stage 1: cross-entropy (Eq. 13) of the LLformer under the teacher prior Z (PNET_S1 trains with it)."""
+        images, labels = _batch_field(batch, "image"), _batch_field(batch, "label")
+        internal, landmarks = self._internal(images, _batch_field(batch, "landmarks"))
+        logits = self.llformer(internal, landmarks, self.teacher_prior(images, labels))
+        loss = classification_loss(logits, labels, self.config.loss.label_smoothing)
+        return StageLosses(loss, loss, loss.new_zeros(()))
+
+    def stage2_loss(self, batch: Any, generator: torch.Generator | None = None) -> StageLosses:
+        """Stage 2 (Eq. 18): cross-entropy of the LLformer under the diffusion prior Z-hat_0 plus the prior loss
+        between Z-hat_0 and the frozen teacher's Z (Eq. 17)."""
+        images, labels = _batch_field(batch, "image"), _batch_field(batch, "label")
+        internal, landmarks = self._internal(images, _batch_field(batch, "landmarks"))
+        with torch.no_grad():
+            teacher = self.teacher_prior(images, labels)
+        with nvtx_range("lldif::pnet_s2"):
+            condition = self.pnet_s2(internal)
+        with nvtx_range("lldif::diffusion"):
+            prior = self.diffusion.training_prior(teacher, condition, generator)
+        logits = self.llformer(internal, landmarks, prior)
+        classification = classification_loss(logits, labels, self.config.loss.label_smoothing)
+        prior_term = prior_loss(teacher, prior, self.config.loss)
+        return StageLosses(classification + prior_term, classification, prior_term)
+
+    def _trainable_parts(self, stage: int) -> tuple[nn.Module, ...]:
+        lrformer = (self.dtnet, self.dlnet, self.head)
+        return {0: (self.la_clip,), 1: (self.pnet_s1, *lrformer), 2: (self.pnet_s2, self.diffusion, *lrformer)}[stage]
+
+    def freeze_for_stage(self, stage: int) -> None:
+        """Makes trainable exactly what the stage trains (SPEC 5): 0 LA-CLIP; 1 PNET_S1 and the LLformer; 2 PNET_S2,
+        the denoiser and the LLformer. Pretrained parts loaded as frozen (MobileFaceNet, a CLIP image tower) stay
+        frozen, and frozen parts run in eval mode."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.stage = stage
+        self.requires_grad_(False)
+        for part in self._trainable_parts(stage):
+            part.requires_grad_(True)
+        for module in self.modules():
+            if getattr(module, "frozen", False):
+                module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> LLDif:
+        super().train(mode)
+        if mode:
+            trainable = self._trainable_parts(self.stage)
+            for part in (self.la_clip, self.pnet_s1, self.pnet_s2, self.diffusion, self.dtnet, self.dlnet, self.head):
+                if part not in trainable:
+                    part.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------------------------------
+    # backends and files
+
+    def set_backend(self, backend: str | None) -> None:
+        """Runs every fused op of this model on `backend` ("reference", "cpp", "cuda", "triton"; None: the global
+        choice of `lldif_kernels.use_backend` / LLDIF_BACKEND / automatic)."""
+        self.config.backend = backend
+        for module in self.modules():
+            if isinstance(module, ModulatedLayerNorm | TransposedAttention | WindowCrossAttention):
+                module.backend = backend
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes `config.json` and `model.safetensors` into `directory`, each atomically."""
+        directory = Path(directory)
+        weights = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        payload = safetensors.torch.save(weights, metadata={"format": "pt", "lldif_stage": str(self.stage)})
+        write_atomic(directory / WEIGHTS_FILE, lambda file: file.write(payload))
+        config = self.config.to_json().encode("utf-8")
+        write_atomic(directory / CONFIG_FILE, lambda file: file.write(config))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> LLDif:
+        """The model `save_pretrained` wrote into `directory`."""
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"directory: {directory} has no {name} (not a save_pretrained folder)")
+        config = LLDifConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+        model = cls(config)
+        model.load_state_dict(safetensors.torch.load_file(directory / WEIGHTS_FILE, device=str(map_location)))
+        return model.to(map_location)
+
+    def load_pth(self, path: str | os.PathLike, strict: bool = False) -> tuple[list[str], list[str]]:
+        """Loads an external `.pth` state dict (torch.load with weights_only=True only; a `module.` prefix and a
+        `state_dict` wrapper are undone); returns (missing, unexpected) keys."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"path: {path} does not hold a state dict")
+        result = self.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=strict)
+        return list(result.missing_keys), list(result.unexpected_keys)
