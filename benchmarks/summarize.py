@@ -15,14 +15,14 @@ import re
 from collections import defaultdict
 
 
-def provider_of(name: str) -> str:
-    return re.search(r"-(\w+)\]$", name).group(1)
+def provider_of(bench: dict) -> str:
+    return bench["extra_info"].get("provider") or re.search(r"-(\w+)\]$", bench["name"]).group(1)
 
 
 def summarize(report: dict) -> str:
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in report["benchmarks"]:
-        groups[bench["group"]][provider_of(bench["name"])] = bench
+        groups[bench["group"]][provider_of(bench)] = bench
     machine = report.get("machine_info", {})
     lines = [
         f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs; "
@@ -36,7 +36,9 @@ def summarize(report: dict) -> str:
         ms = {p: b["extra_info"].get("ms_per_call", b["stats"]["median"] * 1e3) for p, b in by_provider.items()}
         for provider, bench in by_provider.items():
             info = bench["extra_info"]
-            ratios = [f"{ms[base] / ms[provider]:.2f}x" if base in ms else "-" for base in ("eager", "compile")]
+            # The model benchmarks call the plain-PyTorch provider `reference`; it is the eager baseline.
+            eager = "eager" if "eager" in ms else "reference"
+            ratios = [f"{ms[base] / ms[provider]:.2f}x" if base in ms else "-" for base in (eager, "compile")]
             lines.append(
                 f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '-')} | "
                 f"{info.get('fraction_of_clone_bandwidth', '-')} | {info.get('TFLOP/s', '-')} | "
