@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=2 -p no:cacheprovider
 
-.PHONY: test demo lint compile-check bench gpu-check clean
+.PHONY: test demo lint compile-check bench gpu-check profile clean
 
 # The environment: torch first, pinned (the extensions build against it, without build isolation);
 # installing the project builds the extensions, so the build stamp is fresh too.
@@ -45,6 +45,12 @@ bench: $(VENV)/.built
 OUT ?= benchmarks/results/gpu
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out "$(OUT)"
+
+# On a GPU machine with Nsight Systems: one base-model stage-2 step (B=64, bf16) with its NVTX ranges, in $(OUT).
+profile:
+	mkdir -p "$(OUT)"
+	nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop --trace=cuda,nvtx,cudnn,cublas \
+		--force-overwrite=true --output="$(OUT)/lldif_stage2_step" $(PYTHON) benchmarks/profile_step.py
 
 clean:
 	rm -rf build $(VENV) lldif_kernels/*.so lldif_kernels/_build_info.json *.egg-info
