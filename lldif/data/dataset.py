@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .face_layout import mean_shape
 from .images import ImageReadError, read_rgb, write_atomic
-from .labels import EXPRESSIONS, NUM_CLASSES
+from .labels import ADJECTIVES, EXPRESSIONS, LABEL_PROMPT, NUM_CLASSES
 from .landmark_cache import LANDMARKS_FILE, load_landmarks
 
 CAPTIONS_FILE = "captions.json"
@@ -72,8 +72,7 @@ def check_root(root: str | os.PathLike, what: str) -> Path:
 def default_caption(label: int) -> str:
     """The caption of a face that has none: its label prompt (DA-CLIP appends the label to the caption; with no
     captioner offline the label part is all there is)."""
-    adjectives = ("surprised", "fearful", "disgusted", "happy", "sad", "angry", "neutral")
-    return f"a photo of a {adjectives[label]} face"
+    return LABEL_PROMPT.format(ADJECTIVES[label])
 
 
 class FaceDataset(torch.utils.data.Dataset):

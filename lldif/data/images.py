@@ -94,10 +94,16 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         raise
 
 
+def check_rgb(rgb: np.ndarray) -> None:
+    """Raises ValueError naming `rgb` unless it is an (H, W, 3) uint8 array."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be an (H, W, 3) uint8 array, got {getattr(rgb, 'dtype', type(rgb).__name__)} "
+                         f"{getattr(rgb, 'shape', '')}")
+
+
 def write_rgb(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
     """Writes an (H, W, 3) uint8 array atomically, in the format the suffix names (JPEG at `quality`)."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be an (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
+    check_rgb(rgb)
     image = Image.fromarray(rgb, "RGB")
     suffix = Path(path).suffix.lower()
     image_format = Image.registered_extensions().get(suffix)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 EXPRESSIONS: tuple[str, ...] = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 NUM_CLASSES = len(EXPRESSIONS)
+# How a sentence describes a face of each class, and the label prompt LA-CLIP's text side sees.
+ADJECTIVES: tuple[str, ...] = ("surprised", "fearful", "disgusted", "happy", "sad", "angry", "neutral")
+LABEL_PROMPT = "a photo of a {} face"
 
 # Every spelling the supported layouts use (FER2013/FERPlus column names, KDEF codes, common folder names).
 _SYNONYMS: dict[str, str] = {

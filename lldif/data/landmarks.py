@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .face_layout import mean_shape
-from .images import ImageReadError, is_image_file, read_rgb
+from .images import ImageReadError, check_rgb, is_image_file, read_rgb
 from .landmark_cache import LANDMARKS_FILE, LandmarkTable, load_landmarks, save_landmarks
 from .mtcnn import MTCNN, MTCNNWeightsError
 
@@ -46,7 +46,7 @@ SAVE_INTERVAL_SECONDS = 60.0
 def contrast_stretch(rgb: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0) -> np.ndarray:
     """The image with its intensities stretched linearly so the given percentiles become 0 and 255, which lets
     the face detectors find faces in dark, low-contrast photos; a flat image is returned unchanged."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     if not 0 <= low_percentile < high_percentile <= 100:
         raise ValueError(f"low_percentile and high_percentile must satisfy 0 <= low < high <= 100, "
                          f"got {low_percentile} and {high_percentile}")
@@ -56,12 +56,6 @@ def contrast_stretch(rgb: np.ndarray, low_percentile: float = 1.0, high_percenti
         return rgb.copy()
     stretched = (rgb.astype(np.float32) - low) * (255.0 / (high - low))
     return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
-
-
-def _check_rgb(rgb: np.ndarray) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"rgb must be an (H, W, 3) uint8 array, got {getattr(rgb, 'dtype', type(rgb))} "
-                         f"{getattr(rgb, 'shape', '')}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,7 @@ class LandmarkDetector:
 
     def detect(self, rgb: np.ndarray) -> Detection | None:
         """The most prominent face (largest, confident) of an (H, W, 3) uint8 image, or None if none is found."""
-        _check_rgb(rgb)
+        check_rgb(rgb)
         image = contrast_stretch(rgb) if self.stretch else rgb
         height, width = image.shape[:2]
         border = round(BORDER_FRACTION * min(height, width))

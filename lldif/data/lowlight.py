@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..argtypes import non_negative_int
-from .images import ImageReadError, is_image_file, read_rgb, write_atomic, write_rgb
+from .images import ImageReadError, check_rgb, is_image_file, read_rgb, write_atomic, write_rgb
 
 RECORD_FILE = "lowlight.json"
 
@@ -239,9 +239,7 @@ def _display_table(bit_depth: int, display_gamma: float | None) -> np.ndarray:
 
 def simulate_low_light(rgb: np.ndarray, params: LowLightParams, rng: np.random.Generator) -> np.ndarray:
     """The low-light rendering of an (H, W, 3) uint8 sRGB image; the same rng state gives the same bytes."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        shape = getattr(rgb, "shape", None)
-        raise ValueError(f"rgb must be an (H, W, 3) uint8 array, got {getattr(rgb, 'dtype', type(rgb))} {shape}")
+    check_rgb(rgb)
     grey = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
     # Channel planes (3, H, W): numpy broadcasts a per-channel factor over a whole plane many times faster
     # than over a trailing axis of length 3.

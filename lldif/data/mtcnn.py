@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import check_rgb
+
 WEIGHTS_DISTRIBUTION = "facenet-pytorch"
 WEIGHTS_INSTALL_HINT = "pip install --no-deps facenet-pytorch==2.6.0"
 WEIGHT_FILES = {"pnet": "pnet.pt", "rnet": "rnet.pt", "onet": "onet.pt"}
@@ -266,8 +268,7 @@ class MTCNN(nn.Module):
     @torch.inference_mode()
     def detect(self, rgb: np.ndarray, min_face_size: float | None = None) -> FaceDetections:
         """All faces in an (H, W, 3) uint8 RGB image, with their boxes, scores and five landmarks."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"rgb must be an (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
+        check_rgb(rgb)
         image = torch.tensor(rgb, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None]
         boxes = self._propose(image, self.min_face_size if min_face_size is None else float(min_face_size))
         pyramid = _MipPyramid(image)

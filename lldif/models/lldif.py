@@ -186,8 +186,8 @@ class LLDif(nn.Module):
         return StageLosses(classification + prior_term, classification, prior_term)
 
     def _trainable_parts(self, stage: int) -> tuple[nn.Module, ...]:
-        lrformer = (self.dtnet, self.dlnet, self.head)
-        return {0: (self.la_clip,), 1: (self.pnet_s1, *lrformer), 2: (self.pnet_s2, self.diffusion, *lrformer)}[stage]
+        llformer = (self.dtnet, self.dlnet, self.head)
+        return {0: (self.la_clip,), 1: (self.pnet_s1, *llformer), 2: (self.pnet_s2, self.diffusion, *llformer)}[stage]
 
     def freeze_for_stage(self, stage: int) -> None:
         """Makes trainable exactly what the stage trains (SPEC 5): 0 LA-CLIP; 1 PNET_S1 and the LLformer; 2 PNET_S2,
