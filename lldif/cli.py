@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
@@ -33,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    """Runs a subcommand. A bad argument, a missing file or an unusable run folder ends with one line on stderr and
+    exit status 2 (LLDIF_DEBUG=1 shows the traceback instead)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        if os.environ.get("LLDIF_DEBUG"):
+            raise
+        parser.exit(2, f"lldif {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"lldif {args.command}: interrupted\n")
 
 
 if __name__ == "__main__":

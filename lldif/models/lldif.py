@@ -3,12 +3,10 @@ and inference), and the LLformer (DTNet + DLNet + fusion head) that classifies a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +14,6 @@ from torch import nn
 from lldif_kernels.nn import ModulatedLayerNorm, TransposedAttention, WindowCrossAttention
 from lldif_kernels.profiling import nvtx_range
 
-from ..data.images import write_atomic
 from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from .config import LLDifConfig, lldif_base
 from .diffusion import PriorDiffusion
@@ -26,8 +23,8 @@ from .fusion import FusionHead
 from .la_clip import LAClip
 from .losses import classification_loss, prior_loss
 from .pnet import PNetS1, PNetS2
+from .pretrained import read_model_folder, save_model_folder
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 STAGES = (0, 1, 2)
 
@@ -114,14 +111,16 @@ class LLDif(nn.Module):
     # ---------------------------------------------------------------------------------------------------------
     # the model's paths
 
-    def llformer(self, images: torch.Tensor, landmarks: torch.Tensor | None, prior: torch.Tensor) -> torch.Tensor:
-        """Logits of images at the internal size under a prior (B, prior.dim): DTNet, DLNet, fusion head."""
+    def llformer(self, images: torch.Tensor, landmarks: torch.Tensor | None, prior: torch.Tensor, *,
+                 features: bool = False) -> torch.Tensor:
+        """Logits of images at the internal size under a prior (B, prior.dim): DTNet, DLNet, fusion head; with
+        `features`, the fused feature (B, fusion.embed_dim) before the classifier instead."""
         with nvtx_range("lldif::dtnet"):
             restoration = self.dtnet(images, prior)
         with nvtx_range("lldif::dlnet"):
             landmark = self.dlnet(images, landmarks)
         with nvtx_range("lldif::fusion"):
-            return self.head(restoration, landmark)
+            return (self.head.features if features else self.head)(restoration, landmark)
 
     def teacher_prior(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Z = PNET_S1(LA-CLIP(images), label embedding) (Eq. 1); LA-CLIP runs without gradient."""
@@ -135,21 +134,23 @@ class LLDif(nn.Module):
             return self.pnet_s1(image_embedding, label_embedding)
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Inference logits (B, num_classes): PNET_S2, T reverse steps from N(0, I) (`generator` makes them
-        repeatable), then the LLformer."""
+                generator: torch.Generator | None = None, steps: int | None = None,
+                features: bool = False) -> torch.Tensor:
+        """Inference logits (B, num_classes): PNET_S2, `steps` (default T) reverse steps from N(0, I) (`generator`
+        makes them repeatable), then the LLformer. With `features`, the fused features (B, fusion.embed_dim)
+        before the classifier instead of the logits."""
         internal, landmarks = self._internal(images, landmarks)
         with nvtx_range("lldif::pnet_s2"):
             condition = self.pnet_s2(internal)
         with nvtx_range("lldif::diffusion"):
-            prior = self.diffusion.sample(condition, generator)
-        return self.llformer(internal, landmarks, prior)
+            prior = self.diffusion.sample(condition, generator, steps=steps)
+        return self.llformer(internal, landmarks, prior, features=features)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
         """Class probabilities (B, num_classes) of the inference path, without gradient."""
-        return self.forward(images, landmarks, generator=generator).softmax(dim=-1)
+        return self.forward(images, landmarks, generator=generator, steps=steps).softmax(dim=-1)
 
     # ---------------------------------------------------------------------------------------------------------
     # training
@@ -226,23 +227,14 @@ class LLDif(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes `config.json` and `model.safetensors` into `directory`, each atomically."""
-        directory = Path(directory)
-        weights = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        payload = safetensors.torch.save(weights, metadata={"format": "pt", "lldif_stage": str(self.stage)})
-        write_atomic(directory / WEIGHTS_FILE, lambda file: file.write(payload))
-        config = self.config.to_json().encode("utf-8")
-        write_atomic(directory / CONFIG_FILE, lambda file: file.write(config))
+        save_model_folder(directory, self.config.to_dict(), self, {"lldif_stage": str(self.stage)})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> LLDif:
         """The model `save_pretrained` wrote into `directory`."""
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"directory: {directory} has no {name} (not a save_pretrained folder)")
-        config = LLDifConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
-        model = cls(config)
-        model.load_state_dict(safetensors.torch.load_file(directory / WEIGHTS_FILE, device=str(map_location)))
+        config, weights = read_model_folder(directory, map_location)
+        model = cls(LLDifConfig.from_dict(config))
+        model.load_state_dict(weights)
         return model.to(map_location)
 
     def load_pth(self, path: str | os.PathLike, strict: bool = False) -> tuple[list[str], list[str]]:

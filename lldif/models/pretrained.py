@@ -1,0 +1,49 @@
+"""Model folders: `config.json` + `model.safetensors`, each written atomically, for every model of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..data.images import write_atomic
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def save_model_folder(directory: str | os.PathLike, config: dict[str, Any], module: nn.Module,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes `module`'s state dict and its JSON `config` into `directory`; the weights go first, so a folder whose
+    config exists always has weights matching it."""
+    directory = Path(directory)
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    payload = safetensors.torch.save(weights, metadata={"format": "pt", **(metadata or {})})
+    write_atomic(directory / WEIGHTS_FILE, lambda file: file.write(payload))
+    text = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
+    write_atomic(directory / CONFIG_FILE, lambda file: file.write(text))
+
+
+def read_model_folder(directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The (config, state dict) of a folder `save_model_folder` wrote."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"directory: {directory} has no {name} (not a saved model folder)")
+    config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    return config, safetensors.torch.load_file(directory / WEIGHTS_FILE, device=str(map_location))
+
+
+def load_model_folder(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Whichever model (LLDif or the baseline CNN) a folder holds, with its weights."""
+    from .baseline import ARCHITECTURE, BaselineCNN
+    from .lldif import LLDif
+
+    config, _ = read_model_folder(directory, "cpu")
+    kind = BaselineCNN if config.get("architecture") == ARCHITECTURE else LLDif
+    return kind.from_pretrained(directory, map_location)
