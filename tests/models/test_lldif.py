@@ -141,7 +141,7 @@ def test_save_and_load_give_bitwise_equal_logits(tmp_path):
         return m(batch["image"], batch["landmarks"], generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(model), logits(loaded))
     assert torch.equal(loaded.label_prompt_embeddings, model.label_prompt_embeddings)
-    with pytest.raises(FileNotFoundError, match="not a save_pretrained folder"):
+    with pytest.raises(FileNotFoundError, match="not a saved model folder"):
         LLDif.from_pretrained(tmp_path)
 
 
