@@ -177,24 +177,50 @@ class FaceDataModule:
         lists = f" (listed in {', '.join(map(str, self.skip_lists))})" if self.skip_lists else ""
         return f"data: {counts}{lists}"
 
-    def _loader(self, source: FaceSource, epoch: int, train: bool) -> BatchLoader:
+    def _loader(self, source: FaceSource, epoch: int, batches: list[list[int]], train: bool) -> BatchLoader:
         view = _EpochView(source, self.image_size, self.seed, epoch, self.augmentation if train else None,
                           self.lowlight)
-        sampler = None
-        if train:
-            order_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
-            sampler = torch.utils.data.RandomSampler(view, generator=torch.Generator().manual_seed(order_seed))
-        loader = torch.utils.data.DataLoader(view, batch_size=self.batch_size, sampler=sampler,
-                                             num_workers=self.workers, collate_fn=_collate)
+        loader = torch.utils.data.DataLoader(view, batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=_collate)
         return BatchLoader(loader, self.embed)
 
-    def train_dataloader(self, epoch: int = 0) -> BatchLoader:
-        """The training batches of `epoch`: shuffled and augmented, identical for the same seed and epoch."""
-        return self._loader(self.train, epoch, train=True)
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The training order of `epoch`: a permutation that depends only on the seed and the epoch."""
+        order_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+        return torch.randperm(len(self.train), generator=torch.Generator().manual_seed(order_seed)).tolist()
 
-    def test_dataloader(self) -> BatchLoader:
-        """The test batches in dataset order, without augmentation."""
-        return self._loader(self.test, 0, train=False)
+    def train_batches(self) -> int:
+        """Full batches per epoch (the last, incomplete one is dropped so every step sees `batch_size` faces)."""
+        return len(self.train) // self.batch_size
+
+    def train_dataloader(self, epoch: int = 0, *, start_batch: int = 0, rank: int = 0,
+                         world_size: int = 1) -> BatchLoader:
+        """The training batches of `epoch` from batch `start_batch` on: shuffled and augmented, identical for the
+        same seed and epoch. With `world_size` processes, each batch is split into equal consecutive shares and
+        this process (`rank`) gets its share, so N processes together see the batches of one."""
+        _check_shards(self.batch_size, rank, world_size)
+        share = self.batch_size // world_size
+        order = self.epoch_order(epoch)
+        batches = [order[b * self.batch_size + rank * share:b * self.batch_size + (rank + 1) * share]
+                   for b in range(start_batch, self.train_batches())]
+        return self._loader(self.train, epoch, batches, train=True)
+
+    def test_dataloader(self, *, rank: int = 0, world_size: int = 1) -> BatchLoader:
+        """The test batches in dataset order, without augmentation; with `world_size` processes, this process gets
+        every `world_size`-th face from `rank` on."""
+        _check_shards(world_size, rank, world_size)
+        indices = list(range(rank, len(self.test), world_size))
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        return self._loader(self.test, 0, batches, train=False)
+
+
+def _check_shards(batch_size: int, rank: int, world_size: int) -> None:
+    """Raises ValueError unless `rank` is one of `world_size` processes that can share batches of `batch_size`."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, "
+                         f"world_size {world_size}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world_size}")
 
 
 def open_dataset(spec: str, split: str, **options) -> FaceSource:

@@ -162,11 +162,23 @@ class LLDif(nn.Module):
         return self.la_clip.loss(self._clip_view(images), _batch_field(batch, "caption_embedding"),
                                  _batch_field(batch, "label"), self.label_prompt_embeddings)
 
+    def la_clip_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """LA-CLIP's label head as a classifier: cosine similarities (B, num_classes) of e_l to the label prompts."""
+        self._check_images(images)
+        _, label_embedding = self.la_clip.encode(self._clip_view(images))
+        return label_embedding @ self.la_clip.embed_text(self.label_prompt_embeddings).T
+
+    def teacher_logits(self, images: torch.Tensor, labels: torch.Tensor,
+                       landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 1's logits: the LLformer under the teacher prior Z, which sees the label text (ground truth by
+        default), so they measure how well the prior can guide the LLformer, not inference accuracy."""
+        internal, landmarks = self._internal(images, landmarks)
+        return self.llformer(internal, landmarks, self.teacher_prior(images, labels))
+
     def stage1_loss(self, batch: Any) -> StageLosses:
         """Stage 1: cross-entropy (Eq. 13) of the LLformer under the teacher prior Z (PNET_S1 trains with it)."""
-        images, labels = _batch_field(batch, "image"), _batch_field(batch, "label")
-        internal, landmarks = self._internal(images, _batch_field(batch, "landmarks"))
-        logits = self.llformer(internal, landmarks, self.teacher_prior(images, labels))
+        labels = _batch_field(batch, "label")
+        logits = self.teacher_logits(_batch_field(batch, "image"), labels, _batch_field(batch, "landmarks"))
         loss = classification_loss(logits, labels, self.config.loss.label_smoothing)
         return StageLosses(loss, loss, loss.new_zeros(()))
 
