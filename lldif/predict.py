@@ -28,9 +28,9 @@ from .data.mtcnn import MTCNNWeightsError
 from .run import CHECKPOINTS, Run
 
 # Margin added on each side of MTCNN's face box, as a fraction of the box's longer side, before the square crop.
-# MTCNN's box runs from the forehead to the chin; RAF-DB's aligned crops show that whole face with a thin band of
-# hair and background around it. With 10% a side the astronaut photo's eyes sit at 0.38 and its mouth at 0.67 of
-# the crop height, close to RAF-DB's framing.
+# MTCNN's box runs from the forehead to the chin; aligned FER crops such as RAF-DB's show that whole face with a
+# thin band of hair and background around it, which 10% a side gives (on skimage's astronaut photo the eyes sit at
+# 0.39 and the mouth corners at 0.68 of the crop height).
 FACE_MARGIN = 0.1
 DEFAULT_CSV = "predictions.csv"
 
@@ -121,9 +121,10 @@ def _to_batch(faces: Sequence[PreparedFace], device: torch.device) -> tuple[torc
     images = torch.from_numpy(np.stack([face.image for face in faces])).to(device).permute(0, 3, 1, 2).float() / 255
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    if faces[0].landmarks is None:
-        return (images - mean) / std, None
-    return (images - mean) / std, torch.from_numpy(np.stack([face.landmarks for face in faces])).to(device)
+    landmarks = None
+    if faces[0].landmarks is not None:
+        landmarks = torch.from_numpy(np.stack([face.landmarks for face in faces])).to(device)
+    return (images - mean) / std, landmarks
 
 
 def default_device() -> torch.device:
