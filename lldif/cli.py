@@ -8,6 +8,7 @@ import os
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 from .data.synthetic import add_synth_command
+from .predict import add_predict_command
 from .train import add_train_command
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_landmarks_command(commands)
     add_synth_command(commands)
     add_train_command(commands)
+    add_predict_command(commands)
     return parser
 
 
