@@ -139,8 +139,9 @@ def _frozen_text_embedder(cache: Path):
     return embedder
 
 
-def build_model(settings: TrainSettings, embed=None) -> nn.Module:
-    """The model a run starts from: `init`'s best checkpoint or a fresh one, frozen for the stage."""
+def build_model(settings: TrainSettings, text_embedder=None) -> nn.Module:
+    """The model a run starts from: `init`'s best checkpoint or a fresh one, frozen for the stage; `text_embedder()`
+    gives the embedder of the label prompts when the model has none yet."""
     if settings.model == "baseline":
         if settings.init:
             return Run(settings.init).load_model("best")
@@ -157,7 +158,7 @@ def build_model(settings: TrainSettings, embed=None) -> nn.Module:
             warnings.warn("stage 1 without --init: LA-CLIP is untrained, so the teacher prior is weak; train "
                           "--stage la-clip first and pass its run folder to --init", stacklevel=2)
     if settings.stage in ("la-clip", "1") and not model.label_prompt_embeddings.any():
-        model.set_label_prompts(_label_prompt_embeddings(embed))
+        model.set_label_prompts(_label_prompt_embeddings(text_embedder()))
     if settings.backend is not None:
         model.set_backend(settings.backend)
     model.freeze_for_stage({"la-clip": 0, "1": 1, "2": 2}[settings.stage])
@@ -273,12 +274,17 @@ class Trainer:
             raise ValueError(f"out: {self.run.path} already holds a run; pass --resume to continue it or choose "
                              "another --out")
         torch.manual_seed(settings.seed)
-        embed = _frozen_text_embedder(self.run.path / "text_embeddings.npz") \
-            if settings.task in ("la-clip", "1") else None
-        self.model = build_model(settings, embed).to(self.device)
+        embedders = []  # loaded at most once, and only when a caption or a label prompt needs embedding
+
+        def embedder():
+            if not embedders:
+                embedders.append(_frozen_text_embedder(self.run.path / "text_embeddings.npz"))
+            return embedders[0]
+
+        self.model = build_model(settings, embedder).to(self.device)
         distributed.share_batch_norms(self.model, self.processes)
         self.model.train()
-        self.data = self._data_module(embed if settings.task == "la-clip" else None)
+        self.data = self._data_module(embedder() if settings.task == "la-clip" else None)
         if self.data.train_batches() == 0:
             raise ValueError(f"batch_size {settings.batch_size} is larger than the training set "
                              f"({len(self.data.train)} faces)")

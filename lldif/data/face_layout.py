@@ -8,6 +8,7 @@ in unit coordinates of a square face crop and scaled with `mean_shape`.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Index of each point's mirror image under a horizontal flip.
 FLIP_68 = np.array(
@@ -59,13 +60,15 @@ def mean_shape(width: int, height: int, points: int = 68) -> np.ndarray:
 
 
 def five_from_68(points: np.ndarray) -> np.ndarray:
-    """MTCNN's five points (eye centres, nose tip, mouth corners) from 68 iBUG points, shape (..., 5, 2)."""
+    """MTCNN's five points (eye centres, nose tip, mouth corners) from 68 iBUG points, shape (..., 5, 2); numpy
+    arrays and torch tensors alike."""
     if points.shape[-2:] != (68, 2):
         raise ValueError(f"points must have shape (..., 68, 2), got {tuple(points.shape)}")
-    return np.stack(
+    stack = torch.stack if isinstance(points, torch.Tensor) else np.stack
+    return stack(
         [points[..., 36:42, :].mean(-2), points[..., 42:48, :].mean(-2), points[..., 30, :],
          points[..., 48, :], points[..., 54, :]],
-        axis=-2,
+        -2,
     )
 
 

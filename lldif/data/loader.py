@@ -180,8 +180,10 @@ class FaceDataModule:
     def _loader(self, source: FaceSource, epoch: int, batches: list[list[int]], train: bool) -> BatchLoader:
         view = _EpochView(source, self.image_size, self.seed, epoch, self.augmentation if train else None,
                           self.lowlight)
+        # The loader's own generator: creating an iterator would otherwise draw from the global one, and a run
+        # resumed mid-epoch (which creates one more iterator) would then draw differently from an uninterrupted one.
         loader = torch.utils.data.DataLoader(view, batch_sampler=batches, num_workers=self.workers,
-                                             collate_fn=_collate)
+                                             collate_fn=_collate, generator=torch.Generator().manual_seed(self.seed))
         return BatchLoader(loader, self.embed)
 
     def epoch_order(self, epoch: int) -> list[int]:

@@ -14,6 +14,7 @@ from torch import nn
 from lldif_kernels.nn import ModulatedLayerNorm, TransposedAttention, WindowCrossAttention
 from lldif_kernels.profiling import nvtx_range
 
+from ..data.face_layout import five_from_68, mean_shape
 from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
 from .config import LLDifConfig, lldif_base
 from .diffusion import PriorDiffusion
@@ -77,13 +78,21 @@ class LLDif(nn.Module):
 
     def _internal(self, images: torch.Tensor, landmarks: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The images at the LLformer's resolution (nearest, as POSTER++) and the landmarks scaled to match."""
+        """The images at the LLformer's resolution (nearest, as POSTER++) and the landmarks scaled to match. Heatmap
+        landmark features without given landmarks get the mean face shape (as for an aligned crop), and 68 points
+        are reduced to the 5 a 5-point model wants."""
         self._check_images(images)
         side, size = self.config.internal_size, self.config.image_size
+        dlnet = self.config.dlnet
+        if landmarks is None and dlnet.landmark_features == "heatmap":
+            landmarks = torch.from_numpy(mean_shape(size, size, dlnet.landmark_points)).to(images)
+            landmarks = landmarks.expand(images.shape[0], -1, -1)
         if landmarks is not None:
             if landmarks.dim() != 3 or landmarks.shape[0] != images.shape[0] or landmarks.shape[2] != 2:
                 raise ValueError(f"landmarks must be (B, P, 2) pixels with B = {images.shape[0]}, "
                                  f"got {tuple(landmarks.shape)}")
+            if landmarks.shape[1] == 68 and dlnet.landmark_points == 5:
+                landmarks = five_from_68(landmarks)
             landmarks = landmarks * (side / size)
         if side != size:
             images = F.interpolate(images, size=(side, side), mode="nearest")

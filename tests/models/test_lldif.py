@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lldif import LLDif, lldif_base, lldif_tiny
+from lldif.data.face_layout import five_from_68, mean_shape
 from lldif.models.config import LLDifConfig
 
 
@@ -170,11 +171,26 @@ def test_compiled_inference_matches_eager():
     (torch.randn(2, 1, 64, 64), None, r"images must be \(B, 3, 64, 64\)"),
     (torch.randn(2, 3, 64, 64), torch.rand(3, 68, 2), r"landmarks must be \(B, P, 2\)"),
     (torch.randn(2, 3, 64, 64), torch.rand(2, 68), r"landmarks must be \(B, P, 2\)"),
-    (torch.randn(2, 3, 64, 64), None, "landmarks"),  # heatmap features need landmarks
 ])
 def test_bad_inputs_name_the_argument(images, landmarks, message):
     with pytest.raises(ValueError, match=message):
         tiny_model()(images, landmarks)
+
+
+def test_heatmap_landmarks_default_to_the_mean_face_and_68_points_serve_a_5_point_model():
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 64, 64)
+    mean_face = torch.from_numpy(mean_shape(64, 64)).expand(2, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, generator=torch.Generator().manual_seed(1)),
+                                   model(images, mean_face, generator=torch.Generator().manual_seed(1)))
+    config = lldif_tiny()
+    config.dlnet.landmark_points = 5
+    five_point = LLDif(config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(five_point(images, mean_face, generator=torch.Generator().manual_seed(1)),
+                                   five_point(images, five_from_68(mean_face),
+                                              generator=torch.Generator().manual_seed(1)))
 
 
 def test_config_round_trip_and_errors():

@@ -1,0 +1,156 @@
+"""`lldif train`: run folders, the three LLDif stages and the baseline, kill + resume, DDP on gloo, bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from lldif.cli import main
+from lldif.models.config import lldif_tiny
+from lldif.run import Run
+from lldif.train import TrainSettings, train
+
+TINY = {"config": "tiny", "data": "synthetic:28", "batch_size": 7, "lr": 1e-3, "workers": 0, "warmup_epochs": 0}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(folder / "model.safetensors")
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def lldif_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lldif.cli", *args]
+
+
+def test_settings_check_their_fields():
+    with pytest.raises(ValueError, match="stage must be one of la-clip, 1, 2"):
+        TrainSettings(data="synthetic:7", stage="3")
+    with pytest.raises(ValueError, match="lowlight must be one of none, paper"):
+        TrainSettings(data="synthetic:7", lowlight="dim")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainSettings(data="synthetic:7", batch_size=0)
+    settings = TrainSettings(data="synthetic:7", betas=[0.9, 0.99])
+    assert TrainSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+
+
+def test_the_three_stages_chain_through_their_run_folders(tmp_path):
+    runs = {}
+    for stage, init in (("la-clip", None), ("1", "la-clip"), ("2", "1")):
+        settings = TrainSettings(stage=stage, init=runs.get(init), epochs=1, **TINY)
+        runs[stage] = str(train(settings, tmp_path / stage, progress=False).path)
+    for stage, folder in runs.items():
+        folder = Path(folder)
+        record = json.loads((folder / "run.json").read_text())
+        assert record["run_format"] == 1 and record["settings"]["stage"] == stage
+        assert {"torch", "python", "device"} <= set(record["environment"])
+        rows = metrics(folder)
+        assert [row["epoch"] for row in rows] == ["1"] and 0 <= float(rows[0]["test_accuracy"]) <= 1
+        assert (folder / "checkpoints" / "best" / "model.safetensors").is_file()
+        assert (folder / "checkpoints" / "last" / "training_state.safetensors").is_file()
+    assert "train_prior" in metrics(Path(runs["2"]))[0]
+    la_clip, stage1, stage2 = (weights(Path(runs[s]) / "checkpoints" / "last") for s in ("la-clip", "1", "2"))
+    # each stage starts from the one before and changes only what it trains
+    assert torch.equal(la_clip["la_clip.controls.0.weight"], stage1["la_clip.controls.0.weight"])
+    pnet_s1 = next(name for name in stage1 if name.startswith("pnet_s1."))
+    assert not torch.equal(la_clip[pnet_s1], stage1[pnet_s1]) and torch.equal(stage1[pnet_s1], stage2[pnet_s1])
+    assert torch.any(stage1["label_prompt_embeddings"] != 0)
+    model = Run(runs["2"]).load_model()
+    assert not model.training and model.predict(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    settings = TrainSettings(stage="1", epochs=2, checkpoint_every=1, **TINY)  # 4 steps per epoch
+    whole = train(settings, tmp_path / "whole", progress=False)
+
+    killed = tmp_path / "killed"
+    arguments = ["train", "--out", str(killed), "--stage", "1", "--epochs", "2", "--checkpoint-every", "1",
+                 "--quiet", *(f"--{key.replace('_', '-')}={value}" for key, value in TINY.items())]
+    process = subprocess.Popen(lldif_command(*arguments), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file = killed / "checkpoints" / "last" / "training_state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            progress = json.loads(state_file.read_text())["progress"]
+        except (OSError, ValueError, KeyError):
+            progress = {"epoch": 0, "batch": 0}
+        if progress["epoch"] == 1 and progress["batch"] >= 1:  # inside the second epoch
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    train(TrainSettings.from_dict(Run(killed).settings), killed, resume=True, progress=False)
+    resumed, uninterrupted = weights(killed / "checkpoints" / "last"), weights(whole.path / "checkpoints" / "last")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert [row["epoch"] for row in metrics(killed)] == ["1", "2"]
+    assert [row["test_accuracy"] for row in metrics(killed)] == [row["test_accuracy"] for row in metrics(whole.path)]
+
+
+@pytest.mark.parametrize("model", ["baseline", "lldif"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, model):
+    config = tmp_path / "config.json"
+    tiny = lldif_tiny()
+    tiny.dlnet.drop_path = 0.0  # per-sample DropPath masks would differ between the two layouts
+    config.write_text(tiny.to_json())
+    options = {**TINY, "config": "tiny" if model == "baseline" else str(config), "batch_size": 14}
+    arguments = ["train", "--model", model, "--stage", "1", "--epochs", "1", "--quiet",
+                 *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(lldif_command(*arguments, "--out", str(tmp_path / "one")), env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), "-m", "lldif.cli", *arguments,
+                           "--out", str(tmp_path / "two")], env=environment, capture_output=True, text=True,
+                          timeout=600)
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    one, two = weights(tmp_path / "one" / "checkpoints" / "last"), weights(tmp_path / "two" / "checkpoints" / "last")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert metrics(tmp_path / "one")[0]["test_accuracy"] == metrics(tmp_path / "two")[0]["test_accuracy"]
+    assert float(metrics(tmp_path / "two")[0]["train_loss"]) == pytest.approx(
+        float(metrics(tmp_path / "one")[0]["train_loss"]), rel=1e-4)
+
+
+def test_help_and_bad_arguments_give_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--resume" in capsys.readouterr().out
+    cases = [
+        (["--data", "rafdb:/no/such/folder"], "no/such/folder"),
+        (["--data", "synthetic:7", "--config", "huge"], "config must be base, tiny or a JSON file"),
+        (["--data", "synthetic:7", "--stage", "2"], "stage 2 starts from a stage-1 run"),
+        (["--data", "synthetic:7", "--batch-size", "64", "--config", "tiny", "--stage", "la-clip"],
+         "larger than the training set"),
+        ([], "--data is required"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--out", str(tmp_path / "run"), "--quiet", *extra])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error, error
+        assert len(error.strip().splitlines()) == 1, error
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"run_format": 99, "lldif_version": "9.9"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(other), "--resume"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "run format 99" in error and len(error.strip().splitlines()) == 1
