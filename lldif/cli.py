@@ -8,6 +8,7 @@ import os
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 from .data.synthetic import add_synth_command
+from .evaluate import add_evaluate_command, add_sweep_steps_command
 
 
 def _add_demo_command(commands: argparse._SubParsersAction) -> None:
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_lowlight_command(commands)
     add_landmarks_command(commands)
     add_synth_command(commands)
+    add_evaluate_command(commands)
+    add_sweep_steps_command(commands)
     return parser
 
 
