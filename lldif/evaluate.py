@@ -233,6 +233,10 @@ def plot_tsne(features: dict[str, torch.Tensor], labels: torch.Tensor, path: Pat
     _write_figure(figure, path)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -250,7 +254,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 def metrics_table(metrics: dict[str, Any]) -> str:
     """The Markdown table of `evaluate_run`'s metrics: images, accuracy and mean confidences per condition."""
-    rows = [(name, values["images"], f"{100 * values['accuracy']:.2f}%", values["confidence"],
+    rows = [(name, values["images"], _percent(values["accuracy"]), values["confidence"],
              values["true_class_confidence"]) for name, values in metrics["conditions"].items()]
     return markdown_table(("condition", "images", "accuracy", "mean confidence", "mean true-class confidence"),
                           rows)
@@ -260,10 +264,10 @@ def _report(metrics: dict[str, Any], figures: dict[str, str]) -> str:
     conditions = metrics["conditions"]
     per_class = markdown_table(
         ("class", *(f"{name} accuracy" for name in conditions), "images"),
-        [(expression, *(values["per_class_accuracy"][expression] for values in conditions.values()),
+        [(expression, *(_percent(values["per_class_accuracy"][expression]) for values in conditions.values()),
           next(iter(conditions.values()))["per_class_images"][expression]) for expression in EXPRESSIONS])
-    darkening = f"; low-light images darkened on the fly with preset `{metrics['lowlight']}`, seed " \
-        f"{metrics['seed']}" if metrics["lowlight"] != "none" else "; images used as given"
+    darkening = "; images used as given" if metrics["lowlight"] == "none" else \
+        f"; low-light images darkened on the fly with preset `{metrics['lowlight']}`, seed {metrics['seed']}"
     parts = [
         f"# Evaluation of {Path(metrics['run']).name} ({metrics['model']})\n",
         f"Checkpoint `{metrics['checkpoint']}`, test split of `{metrics['data']}`{darkening}; "
@@ -410,8 +414,7 @@ def add_sweep_steps_command(commands: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         sweep = sweep_steps(Run(args.run_dir), args.data, args.lowlight, args.steps, checkpoint=args.checkpoint,
                             device=args.device, batch_size=args.batch_size, out_dir=args.out)
-        rows = zip(sweep["steps"], *([f"{100 * a:.2f}%" for a in values] for values in sweep["accuracy"].values()),
-                   strict=True)
+        rows = zip(sweep["steps"], *(map(_percent, values) for values in sweep["accuracy"].values()), strict=True)
         print(markdown_table(("steps", *sweep["accuracy"]), rows), end="")
 
     parser.set_defaults(run=run)
