@@ -42,28 +42,40 @@ def _is_diffusion_model(model: nn.Module) -> bool:
     return isinstance(model, LLDif)
 
 
-def _conditions(run: Run, lowlight: str | None) -> tuple[str, dict[str, LowLight | None]]:
+def _conditions(settings: dict[str, Any], lowlight: str | None) -> tuple[str, dict[str, LowLight | None]]:
     """The preset (or "none") and condition name -> the darkening it applies (None: the images as given)."""
     if lowlight is None:
-        trained = run.settings["lowlight"]
-        lowlight = "paper" if trained == "none" else trained
+        lowlight = "paper" if settings["lowlight"] == "none" else settings["lowlight"]
     if lowlight not in LOWLIGHT_CHOICES:
         raise ValueError(f"lowlight must be one of {', '.join(LOWLIGHT_CHOICES)}, got {lowlight!r}")
     if lowlight == "none":
         return lowlight, {GIVEN: None}
-    return lowlight, {NORMAL: None, LOW_LIGHT: LowLight(lowlight, seed=run.settings["seed"])}
+    return lowlight, {NORMAL: None, LOW_LIGHT: LowLight(lowlight, seed=settings["seed"])}
 
 
-def _test_source(run: Run, data: str | None, progress: bool) -> tuple[str, FaceSource]:
-    """The data spec and its test split, with unreadable images dropped."""
-    settings = run.settings
+def _device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available")
+    return chosen
+
+
+def _test_source(record: dict[str, Any], settings: dict[str, Any], data: str | None, progress: bool) -> FaceSource:
+    """The test split of `data` (default: the run's test data, else its data) without unreadable images; notes the
+    spec and how many images were left out in `record`."""
     spec = data if data is not None else settings.get("test_data") or settings["data"]
     source = open_dataset(spec, "test")
     if hasattr(source, "drop_unreadable"):
         source.drop_unreadable(progress=progress)
     if len(source) == 0:
         raise ValueError(f"data {spec!r} has no test images")
-    return spec, source
+    record.update(data=spec, skipped_images=len(getattr(source, "skipped", [])))
+    return source
 
 
 def _batches(source: FaceSource, darken: LowLight | None, image_size: int, batch_size: int) -> Iterable[FaceBatch]:
@@ -127,28 +139,25 @@ def condition_metrics(labels: torch.Tensor, probabilities: torch.Tensor) -> dict
     }
 
 
-def _prepare(run: Run, data: str | None, lowlight: str | None, checkpoint: str, device: str | None,
-             batch_size: int | None, progress: bool) -> tuple[nn.Module, torch.device, dict[str, Any], FaceSource,
-                                                              dict[str, LowLight | None], int]:
-    """The model on its device, the description every output starts with, the test source, the conditions and
-    the batch size."""
+def _prepare(run: Run, lowlight: str | None, checkpoint: str, device: str | None, batch_size: int | None
+             ) -> tuple[dict[str, Any], nn.Module, torch.device, dict[str, Any], dict[str, LowLight | None], int]:
+    """The run's settings, the model on its device, the record every output starts with, the conditions and the
+    batch size."""
     settings = run.settings
     if batch_size is None:
         batch_size = settings["batch_size"]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    preset, conditions = _conditions(run, lowlight)
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    preset, conditions = _conditions(settings, lowlight)
+    device = _device(device)
     model = run.load_model(checkpoint, map_location=device)
-    spec, source = _test_source(run, data, progress)
-    described = {
+    record = {
         "run": str(run.path), "model": settings["model"],
         # Run.load_model falls back to `last` when `best` was never written.
         "checkpoint": checkpoint if run.checkpoint(checkpoint).is_dir() else "last",
-        "data": spec, "lowlight": preset,
-        "seed": settings["seed"], "device": str(device), "skipped_images": len(getattr(source, "skipped", [])),
+        "lowlight": preset, "seed": settings["seed"], "device": str(device),
     }
-    return model, device, described, source, conditions, batch_size
+    return settings, model, device, record, conditions, batch_size
 
 
 def _write_figure(figure: Any, path: Path) -> None:
@@ -289,8 +298,8 @@ def evaluate_run(run: Run, data: str | None = None, lowlight: str | None = None,
                  device: str | None = None, batch_size: int | None = None, out_dir: str | Path | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Evaluates a run's model on normal and low-light test images and writes metrics, figures and a report."""
-    model, device, metrics, source, conditions, batch_size = _prepare(
-        run, data, lowlight, checkpoint, device, batch_size, progress)
+    settings, model, device, metrics, conditions, batch_size = _prepare(run, lowlight, checkpoint, device, batch_size)
+    source = _test_source(metrics, settings, data, progress)
     out = Path(out_dir) if out_dir is not None else run.evaluation_dir
     size = model.config.image_size
     metrics["conditions"], features = {}, {}
@@ -341,8 +350,7 @@ def sweep_steps(run: Run, data: str | None = None, lowlight: str | None = None, 
                 *, checkpoint: str = "best", device: str | None = None, batch_size: int | None = None,
                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Measures an LLDif run's accuracy against the number of reverse diffusion steps and writes it with a plot."""
-    model, device, sweep, source, conditions, batch_size = _prepare(
-        run, data, lowlight, checkpoint, device, batch_size, progress)
+    settings, model, device, sweep, conditions, batch_size = _prepare(run, lowlight, checkpoint, device, batch_size)
     if not _is_diffusion_model(model):
         raise ValueError(f"{run.path} holds a {sweep['model']} model, which has no diffusion; sweep-steps needs an "
                          "LLDif run")
@@ -351,11 +359,12 @@ def sweep_steps(run: Run, data: str | None = None, lowlight: str | None = None, 
         raise ValueError(f"{run.path} was trained with prior.use_diffusion off, so it has no diffusion; "
                          "sweep-steps needs an LLDif run with diffusion")
     sweep["steps"] = _check_steps(steps, prior.steps)
+    source = _test_source(sweep, settings, data, progress)
     sweep["accuracy"] = {}
     for name, darken in conditions.items():
         labels, probabilities, _ = _infer(model, _batches(source, darken, model.config.image_size, batch_size),
                                           device, sweep["seed"], steps=sweep["steps"], desc=name, progress=progress)
-        sweep["accuracy"][name] = [(p.argmax(dim=1) == labels).float().mean().item() for p in probabilities.values()]
+        sweep["accuracy"][name] = [condition_metrics(labels, p)["accuracy"] for p in probabilities.values()]
     out = Path(out_dir) if out_dir is not None else run.evaluation_dir
     write_json(out / SWEEP_FILE, sweep)
     plot_sweep(sweep, out / "sweep_steps.png")

@@ -142,7 +142,7 @@ def test_baseline_run_defaults_to_the_paper_preset(baseline_run, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "name"), [({"lowlight": "bright"}, "lowlight"), ({"batch_size": 0}, "batch_size"),
-                                               ({"checkpoint": "first"}, "checkpoint")])
+                                               ({"checkpoint": "first"}, "checkpoint"), ({"device": "gpu"}, "device")])
 def test_evaluate_rejects_bad_arguments(lldif_run, tmp_path, options, name):
     with pytest.raises(ValueError, match=name):
         evaluate_run(lldif_run, out_dir=tmp_path, progress=False, **options)
