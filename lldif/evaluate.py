@@ -152,7 +152,7 @@ def _prepare(run: Run, lowlight: str | None, checkpoint: str, device: str | None
     device = _device(device)
     model = run.load_model(checkpoint, map_location=device)
     record = {
-        "run": str(run.path), "model": settings["model"],
+        "run": str(run.path.resolve()), "model": settings["model"],
         # Run.load_model falls back to `last` when `best` was never written.
         "checkpoint": checkpoint if run.checkpoint(checkpoint).is_dir() else "last",
         "lowlight": preset, "seed": settings["seed"], "device": str(device),
