@@ -8,6 +8,7 @@ import os
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 from .data.synthetic import add_synth_command
+from .evaluate import add_evaluate_command, add_sweep_steps_command
 from .predict import add_predict_command
 from .train import add_train_command
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_command(commands)
     add_train_command(commands)
     add_predict_command(commands)
+    add_evaluate_command(commands)
+    add_sweep_steps_command(commands)
     return parser
 
 
