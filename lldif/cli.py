@@ -5,31 +5,34 @@ from __future__ import annotations
 import argparse
 import os
 
+from .ablate import add_ablate_command
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 from .data.synthetic import add_synth_command
+from .demo import add_demo_command
 from .evaluate import add_evaluate_command, add_sweep_steps_command
 from .predict import add_predict_command
 from .train import add_train_command
 
 
-def _add_demo_command(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="run the fused ops with every backend and compare with the reference")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def _add_kernels_command(commands: argparse._SubParsersAction) -> None:
+    kernels = commands.add_parser("kernels", help="run the fused ops with every backend and compare with the reference")
+    kernels.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
-        from .demo import run_demo
+        from .kernels_check import run_kernels_check
 
-        run_demo(args.device)
+        run_kernels_check(args.device)
 
-    demo.set_defaults(run=run)
+    kernels.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="lldif", description="LLDif on fused Triton and C++/CUDA kernels.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_demo_command(commands)
+    add_demo_command(commands)
+    _add_kernels_command(commands)
     add_make_lowlight_command(commands)
     add_landmarks_command(commands)
     add_synth_command(commands)
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(commands)
     add_evaluate_command(commands)
     add_sweep_steps_command(commands)
+    add_ablate_command(commands)
     return parser
 
 

@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from .data.loader import FaceBatch, FaceDataModule, open_dataset
 from .data.lowlight import PRESETS, LowLight
 from .data.text import label_prompts, text_embedder
 from .models.baseline import BaselineCNN, BaselineConfig, baseline_tiny
-from .models.config import LLDifConfig, lldif_base, lldif_tiny
+from .models.config import LLDifConfig, apply_overrides, lldif_base, lldif_tiny
 from .models.lldif import LLDif
 from .run import Run, RunError, write_json
 
@@ -70,6 +70,7 @@ class TrainSettings:
     amp: bool = True                 # bf16 autocast on CUDA
     checkpoint_every: int = 0        # steps between mid-epoch checkpoints (0: at the end of each epoch only)
     backend: str | None = None       # fused-op backend of the model (None: automatic)
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields to change, e.g. {"prior.steps": 8}
 
     def __post_init__(self) -> None:
         choices = (("stage", STAGES), ("model", MODELS), ("lowlight", LOWLIGHT_CHOICES))
@@ -109,20 +110,39 @@ class TrainSettings:
 
 
 def model_config(settings: TrainSettings) -> LLDifConfig | BaselineConfig:
-    """The configuration `settings.config` names: a preset or a JSON file."""
+    """The configuration `settings.config` names (a preset or a JSON file), with `settings.overrides` applied."""
+    kind = BaselineConfig if settings.model == "baseline" else LLDifConfig
     presets = {"lldif": {"base": lldif_base, "tiny": lldif_tiny},
                "baseline": {"base": BaselineConfig, "tiny": baseline_tiny}}[settings.model]
     if settings.config in presets:
-        return presets[settings.config]()
-    path = Path(settings.config)
-    if not path.is_file():
-        raise ValueError(f"config must be base, tiny or a JSON file, got {settings.config!r} (no such file)")
+        config = presets[settings.config]()
+    else:
+        path = Path(settings.config)
+        if not path.is_file():
+            raise ValueError(f"config must be base, tiny or a JSON file, got {settings.config!r} (no such file)")
+        try:
+            config = kind.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as error:
+            raise ValueError(f"config: {path}: {error}") from error
+    return kind.from_dict(apply_overrides(config.to_dict(), settings.overrides)) if settings.overrides else config
+
+
+def _from_init(settings: TrainSettings) -> nn.Module:
+    """The best model of the `init` run, rebuilt with `overrides` when there are any; weights the changed config
+    no longer has, or now lacks, may only belong to the parts stage 2 trains from scratch (PNET_S2, denoiser)."""
+    start = Run(settings.init).load_model("best")
+    if not settings.overrides:
+        return start
+    config = type(start.config).from_dict(apply_overrides(start.config.to_dict(), settings.overrides))
+    model = type(start)(config)
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"config: {path} is not JSON: {error}") from error
-    kind = BaselineConfig if settings.model == "baseline" else LLDifConfig
-    return kind.from_dict(values)
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"overrides change the shape of weights of the init run: {error}") from error
+    stray = [key for key in (*missing, *unexpected) if not key.startswith(("diffusion.", "pnet_s2."))]
+    if stray:
+        raise ValueError(f"overrides change weights of the init run that are not retrained: {', '.join(stray[:5])}")
+    return model
 
 
 def _label_prompt_embeddings(embed) -> torch.Tensor:
@@ -143,11 +163,9 @@ def build_model(settings: TrainSettings, text_embedder=None) -> nn.Module:
     """The model a run starts from: `init`'s best checkpoint or a fresh one, frozen for the stage; `text_embedder()`
     gives the embedder of the label prompts when the model has none yet."""
     if settings.model == "baseline":
-        if settings.init:
-            return Run(settings.init).load_model("best")
-        return BaselineCNN(model_config(settings))
+        return _from_init(settings) if settings.init else BaselineCNN(model_config(settings))
     if settings.init:
-        model = Run(settings.init).load_model("best")
+        model = _from_init(settings)
         if not isinstance(model, LLDif):
             raise ValueError(f"init: {settings.init} holds a baseline run, not an LLDif one")
     else:
@@ -523,8 +541,33 @@ def train(settings: TrainSettings, out: str | os.PathLike, *, resume: bool = Fal
     return trainer.run
 
 
+def train_or_resume(settings: TrainSettings, out: str | os.PathLike, *, device: str | None = None,
+                    progress: bool = True) -> Run:
+    """The finished run of `settings` in `out`: trained, resumed when interrupted, or kept when already done (what
+    the commands that chain several runs use, so that they can be resumed too)."""
+    run = Run(out)
+    if not run.record_file.is_file():
+        return train(settings, out, device=device, progress=progress)
+    if TrainSettings.from_dict(run.settings) != settings:
+        raise ValueError(f"out: {run.path} holds a run with other settings; use another folder")
+    state = run.checkpoint("last") / STATE_JSON
+    finished = state.is_file() and json.loads(state.read_text(encoding="utf-8"))["progress"]["epoch"] >= \
+        settings.epochs
+    return run if finished else train(settings, out, resume=True, device=device, progress=progress)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # the command
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE like prior.steps=8, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _float_pair(text: str) -> tuple[float, float]:
@@ -573,6 +616,9 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
                         help="also checkpoint every N steps within an epoch (0: at epoch ends only)")
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a model config field, e.g. --set prior.steps=8 --set loss.prior_loss=l1 "
+                             "(repeatable; values are JSON, else strings)")
     parser.add_argument("--backend", choices=("reference", "cpp", "cuda", "triton"), help="fused-op backend")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -584,7 +630,8 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
             if not args.data:
                 raise ValueError("--data is required for a new run")
             fields = {f.name for f in dataclasses.fields(TrainSettings)}
-            settings = TrainSettings(**{name: value for name, value in vars(args).items() if name in fields})
+            values = {name: value for name, value in vars(args).items() if name in fields}
+            settings = TrainSettings(**{**values, "overrides": dict(args.overrides)})
         run_folder = train(settings, args.out, resume=args.resume, device=args.device, progress=not args.quiet).path
         print(f"run folder: {run_folder}")
 

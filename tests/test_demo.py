@@ -1,20 +1,38 @@
-"""`lldif demo` runs every available backend and reports it."""
+"""`lldif demo` on a handful of faces: both models trained and evaluated, one report with the figures, resumable."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
-from lldif_kernels import dispatch
+import pytest
+
+from lldif.cli import main
 
 
-def test_demo_reports_every_backend():
-    # As a user runs it: without the interpreter, which would make the demo's Triton row take minutes.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "lldif.cli", "demo", "--device", "cpu"], env=env,
-                         capture_output=True, text=True, check=True)
-    rows = {line.split()[0]: line for line in run.stdout.splitlines()[1:] if line.split()}
-    assert set(dispatch.BACKENDS) <= set(rows)
-    assert "declined" not in rows["reference"] and "declined" not in rows["cpp"]
-    assert "declined" in rows["cuda"] and "declined" in rows["triton"]
+def test_demo_writes_a_report_comparing_both_models_and_keeps_finished_runs(tmp_path, capsys):
+    arguments = ["demo", "--out", str(tmp_path / "demo"), "--report-dir", str(tmp_path / "report"), "--quiet",
+                 "--train-faces", "14", "--test-faces", "7", "--epochs", "1", "--la-clip-epochs", "1",
+                 "--batch-size", "7"]
+    main(arguments)
+    printed = capsys.readouterr().out
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| LLDif-tiny |" in report and "| baseline |" in report and "Chance is 14.3%" in report
+    assert "report.md" in printed and "| LLDif-tiny |" in printed
+    for model in ("LLDif-tiny", "baseline"):
+        for figure in ("tsne.png", "confusion_low-light.png", "confidence.png", "report.md"):
+            assert (tmp_path / "report" / model / figure).is_file()
+    runs = tmp_path / "demo" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["baseline", "la-clip", "stage1", "stage2"]
+    assert json.loads((runs / "stage2" / "run.json").read_text())["settings"]["init"] == str(runs / "stage1")
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/checkpoints/last/model.safetensors")}
+    main(arguments)  # a finished demo keeps its runs and only evaluates again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_demo_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0 and "under 10 minutes" in capsys.readouterr().out.lower()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--epochs", "0"])
+    assert exit_info.value.code == 2

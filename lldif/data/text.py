@@ -92,7 +92,9 @@ class MiniLMTextEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load would clutter every command
         self.name = f"{MINILM_MODEL_NAME} ({MINILM_PACKAGE} {metadata.version(MINILM_PACKAGE)})"
         self._model = SentenceTransformer(str(_minilm_model_dir()), device=str(device)).eval().requires_grad_(False)
 
