@@ -43,6 +43,7 @@ from .run import Run, RunError, write_json
 
 STAGES = ("la-clip", "1", "2")
 MODELS = ("lldif", "baseline")
+OPTIMIZERS = ("adam", "sgd")
 LOWLIGHT_CHOICES = ("none", *PRESETS)
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
@@ -60,6 +61,7 @@ class TrainSettings:
     init: str | None = None          # run folder to start from: stage 1 <- LA-CLIP run, stage 2 <- stage-1 run
     epochs: int = 200
     batch_size: int = 64
+    optimizer: str = "adam"          # adam (the paper) or sgd (momentum 0.9, as many FER baselines)
     lr: float = 3.5e-5
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -73,7 +75,7 @@ class TrainSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields to change, e.g. {"prior.steps": 8}
 
     def __post_init__(self) -> None:
-        choices = (("stage", STAGES), ("model", MODELS), ("lowlight", LOWLIGHT_CHOICES))
+        choices = (("stage", STAGES), ("model", MODELS), ("lowlight", LOWLIGHT_CHOICES), ("optimizer", OPTIMIZERS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -307,8 +309,12 @@ class Trainer:
             raise ValueError(f"batch_size {settings.batch_size} is larger than the training set "
                              f"({len(self.data.train)} faces)")
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.parameters, lr=settings.lr, betas=settings.betas,
-                                          weight_decay=settings.weight_decay)
+        if settings.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.parameters, lr=settings.lr, betas=settings.betas,
+                                              weight_decay=settings.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.parameters, lr=settings.lr, momentum=0.9,
+                                             weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, settings.lr_gamma)
         smoothing = self.model.config.loss.label_smoothing if isinstance(self.model, LLDif) else 0.0
         self.objective = TrainingObjective(self.model, settings.task, smoothing)
@@ -605,6 +611,8 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
                                        "stage-1 run)")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                        help="adam (default, the paper's) or sgd with momentum 0.9")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--betas", type=_float_pair, default=defaults.betas, help="Adam's betas, e.g. 0.9,0.999")

@@ -106,7 +106,8 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
 @pytest.mark.parametrize("model", ["baseline", "lldif"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, model):
     assert lldif_tiny().dlnet.drop_path == 0  # per-sample DropPath masks would differ between the two layouts
-    options = {**TINY, "batch_size": 14}
+    # SGD: Adam's first steps are lr * sign(gradient), which flips on the gradients that are zero up to rounding
+    options = {**TINY, "batch_size": 14, "optimizer": "sgd", "lr": 0.05}
     arguments = ["train", "--model", model, "--stage", "1", "--epochs", "1", "--quiet",
                  *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -119,8 +120,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
                           timeout=600)
     assert pair.returncode == 0, pair.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "checkpoints" / "last"), weights(tmp_path / "two" / "checkpoints" / "last")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in one:  # float32 sums in another order, amplified by two SGD steps: relative 1e-4 to 1.4e-3 measured
+        difference = (two[name].double() - one[name].double()).norm()
+        assert difference <= 5e-3 * one[name].double().norm() + 1e-5, (name, float(difference))
     assert metrics(tmp_path / "one")[0]["test_accuracy"] == metrics(tmp_path / "two")[0]["test_accuracy"]
     assert float(metrics(tmp_path / "two")[0]["train_loss"]) == pytest.approx(
         float(metrics(tmp_path / "one")[0]["train_loss"]), rel=1e-4)
