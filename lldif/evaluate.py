@@ -100,12 +100,13 @@ def _infer(model: nn.Module, batches: Iterable[FaceBatch], device: torch.device,
         labels.append(batch.label)
         for index, k in enumerate(steps):
             options = {"generator": generators[k], "steps": k} if diffusion else {}
-            state = generators[k].get_state()
-            probabilities[k].append(model(images, landmarks, **options).float().softmax(dim=-1).cpu())
             if features and index == 0:
-                # Replaying the generator gives the features of the same diffusion sample as the logits.
-                generators[k].set_state(state)
-                vectors.append(model(images, landmarks, features=True, **options).float().cpu())
+                fused = model(images, landmarks, features=True, **options)
+                vectors.append(fused.float().cpu())
+                logits = model.classify(fused)
+            else:
+                logits = model(images, landmarks, **options)
+            probabilities[k].append(logits.float().softmax(dim=-1).cpu())
     return (torch.cat(labels), {k: torch.cat(p) for k, p in probabilities.items()},
             torch.cat(vectors) if features else None)
 

@@ -39,7 +39,7 @@ from .data.text import label_prompts, text_embedder
 from .models.baseline import BaselineCNN, BaselineConfig, baseline_tiny
 from .models.config import LLDifConfig, apply_overrides, lldif_base, lldif_tiny
 from .models.lldif import LLDif
-from .run import Run, RunError, write_json
+from .run import Run, RunError
 
 STAGES = ("la-clip", "1", "2")
 MODELS = ("lldif", "baseline")
@@ -354,32 +354,32 @@ class Trainer:
         torch.distributed.all_gather_object(states, state)
         return states
 
+    def _write_checkpoint(self, name: str, *extra_files: tuple[str, bytes]) -> None:
+        """Writes the model (and `extra_files`) into checkpoints/<name> by a staged folder swap."""
+        target = self.run.checkpoint(name)
+        staging = target.with_name(name + ".new")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        for file_name, payload in extra_files:
+            write_atomic(staging / file_name, lambda file, data=payload: file.write(data))
+        _swap_in(staging, target)
+
     def save_checkpoint(self) -> None:
-        """Writes `last` (weights, optimizer, schedule, generators, progress) by a staged folder swap."""
+        """Writes `last`: weights, optimizer, schedule, random generators of every process, progress."""
         rng_states = self._gather_rng_states()
         if not self.processes.main:
             return
-        target = self.run.checkpoint("last")
-        staging = target.with_name("last.new")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
         tensors, optimizer = _optimizer_state(self.optimizer)
         tensors.update({f"rng.{rank}": state for rank, state in enumerate(rng_states)})
-        payload = safetensors.torch.save(tensors)
-        write_atomic(staging / STATE_TENSORS, lambda file: file.write(payload))
-        write_json(staging / STATE_JSON, {"progress": dataclasses.asdict(self.state), "optimizer": optimizer,
-                                          "scheduler": self.scheduler.state_dict(),
-                                          "world_size": self.processes.world_size, "settings": self.settings.to_dict()})
-        _swap_in(staging, target)
+        state = {"progress": dataclasses.asdict(self.state), "optimizer": optimizer,
+                 "scheduler": self.scheduler.state_dict(), "world_size": self.processes.world_size,
+                 "settings": self.settings.to_dict()}
+        self._write_checkpoint("last", (STATE_TENSORS, safetensors.torch.save(tensors)),
+                               (STATE_JSON, json.dumps(state, indent=2, sort_keys=True).encode()))
 
     def _save_best(self) -> None:
-        if not self.processes.main:
-            return
-        target = self.run.checkpoint("best")
-        staging = target.with_name("best.new")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        _swap_in(staging, target)
+        if self.processes.main:
+            self._write_checkpoint("best")
 
     def _resume(self) -> None:
         if TrainSettings.from_dict(self.run.settings) != self.settings:

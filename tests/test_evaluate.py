@@ -84,9 +84,10 @@ class AlwaysHappy(nn.Module):
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
                 features: bool = False) -> torch.Tensor:
-        if features:
-            return images.mean(dim=(2, 3))
-        logits = torch.zeros(images.shape[0], 7)
+        return images.mean(dim=(2, 3)) if features else self.classify(images.mean(dim=(2, 3)))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(features.shape[0], 7)
         logits[:, HAPPINESS] = math.log(4.0)
         return logits
 

@@ -82,6 +82,10 @@ class BaselineCNN(nn.Module):
         pooled = self.stages(self.stem(images)).mean(dim=(2, 3))
         return pooled if features else self.head(pooled)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of pooled features (what `forward(..., features=True)` returns)."""
+        return self.head(features)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities (B, num_classes), without gradient."""

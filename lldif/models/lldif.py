@@ -155,6 +155,10 @@ class LLDif(nn.Module):
             prior = self.diffusion.sample(condition, generator, steps=steps)
         return self.llformer(internal, landmarks, prior, features=features)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of fused features (what `forward(..., features=True)` returns)."""
+        return self.head.head(features)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, steps: int | None = None) -> torch.Tensor:
