@@ -147,11 +147,6 @@ def _from_init(settings: TrainSettings) -> nn.Module:
     return model
 
 
-def _label_prompt_embeddings(embed) -> torch.Tensor:
-    with torch.no_grad():
-        return embed(label_prompts()).float()
-
-
 def _frozen_text_embedder(cache: Path):
     """The frozen text encoder for captions and label prompts (MiniLM, cached in the run folder). Without MiniLM
     the data layer's learned embedding stands in, frozen at its random start: fixed random text features."""
@@ -161,9 +156,9 @@ def _frozen_text_embedder(cache: Path):
     return embedder
 
 
-def build_model(settings: TrainSettings, text_embedder=None) -> nn.Module:
-    """The model a run starts from: `init`'s best checkpoint or a fresh one, frozen for the stage; `text_embedder()`
-    gives the embedder of the label prompts when the model has none yet."""
+def build_model(settings: TrainSettings, prompt_embedder=None) -> nn.Module:
+    """The model a run starts from: `init`'s best checkpoint or a fresh one, frozen for the stage;
+    `prompt_embedder()` gives the text embedder of the label prompts when the model has none yet."""
     if settings.model == "baseline":
         return _from_init(settings) if settings.init else BaselineCNN(model_config(settings))
     if settings.init:
@@ -178,7 +173,8 @@ def build_model(settings: TrainSettings, text_embedder=None) -> nn.Module:
             warnings.warn("stage 1 without --init: LA-CLIP is untrained, so the teacher prior is weak; train "
                           "--stage la-clip first and pass its run folder to --init", stacklevel=2)
     if settings.stage in ("la-clip", "1") and not model.label_prompt_embeddings.any():
-        model.set_label_prompts(_label_prompt_embeddings(text_embedder()))
+        with torch.no_grad():
+            model.set_label_prompts(prompt_embedder()(label_prompts()).float())
     if settings.backend is not None:
         model.set_backend(settings.backend)
     model.freeze_for_stage({"la-clip": 0, "1": 1, "2": 2}[settings.stage])
