@@ -10,9 +10,10 @@ from typing import Any
 
 from .argtypes import positive_int
 from .data.images import write_atomic
+from .data.lowlight import LOWLIGHT_CHOICES
 from .evaluate import evaluate_run, markdown_table
 from .run import Run, write_json
-from .train import LOWLIGHT_CHOICES, TrainSettings, train_or_resume
+from .train import TrainSettings, train_or_resume
 
 # (folder, what Table 5 calls it, the config fields it changes)
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
+from .run import choose_device
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -33,11 +35,7 @@ class Processes:
 def start(device: str | None = None) -> Processes:
     """Joins the process group when started by torchrun (NCCL on CUDA, gloo on CPU) and picks this process's
     device: `device` ("cpu" or "cuda"; default cuda when available), on CUDA the local rank's GPU."""
-    if device not in (None, "cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA GPU is available")
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = choose_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes(torch.device(kind))

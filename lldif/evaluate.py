@@ -27,13 +27,12 @@ from .argtypes import positive_int
 from .data.images import write_atomic
 from .data.labels import EXPRESSIONS
 from .data.loader import FaceBatch, FaceDataModule, FaceSource, open_dataset
-from .data.lowlight import PRESETS, LowLight
-from .run import Run, write_json
+from .data.lowlight import LOWLIGHT_CHOICES, LowLight
+from .run import Run, choose_device, write_json
 
 NORMAL, LOW_LIGHT, GIVEN = "normal", "low-light", "given"
 METRICS_FILE, REPORT_FILE, SWEEP_FILE = "metrics.json", "report.md", "sweep_steps.json"
 TSNE_POINTS = 2000
-LOWLIGHT_CHOICES = (*PRESETS, "none")
 
 
 def _is_diffusion_model(model: nn.Module) -> bool:
@@ -51,18 +50,6 @@ def _conditions(settings: dict[str, Any], lowlight: str | None) -> tuple[str, di
     if lowlight == "none":
         return lowlight, {GIVEN: None}
     return lowlight, {NORMAL: None, LOW_LIGHT: LowLight(lowlight, seed=settings["seed"])}
-
-
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be cpu or cuda (or cuda:N), got {device!r}") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available")
-    return chosen
 
 
 def _test_source(record: dict[str, Any], settings: dict[str, Any], data: str | None, progress: bool) -> FaceSource:
@@ -150,7 +137,7 @@ def _prepare(run: Run, lowlight: str | None, checkpoint: str, device: str | None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     preset, conditions = _conditions(settings, lowlight)
-    device = _device(device)
+    device = choose_device(device)
     model = run.load_model(checkpoint, map_location=device)
     record = {
         "run": str(run.path.resolve()), "model": settings["model"],

@@ -25,7 +25,7 @@ from .data.labels import EXPRESSIONS
 from .data.landmarks import LandmarkDetector
 from .data.loader import IMAGENET_MEAN, IMAGENET_STD
 from .data.mtcnn import MTCNNWeightsError
-from .run import CHECKPOINTS, Run
+from .run import CHECKPOINTS, Run, choose_device
 
 # Margin added on each side of MTCNN's face box, as a fraction of the box's longer side, before the square crop.
 # MTCNN's box runs from the forehead to the chin; aligned FER crops such as RAF-DB's show that whole face with a
@@ -127,11 +127,6 @@ def _to_batch(faces: Sequence[PreparedFace], device: torch.device) -> tuple[torc
     return (images - mean) / std, landmarks
 
 
-def default_device() -> torch.device:
-    """CUDA when a GPU is available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def predict_images(model: nn.Module, paths: Sequence[str | os.PathLike], *, detect: bool = True,
                    device: str | torch.device | None = None, batch_size: int = 16, seed: int = 0,
                    progress: bool = True) -> list[Prediction]:
@@ -143,7 +138,7 @@ def predict_images(model: nn.Module, paths: Sequence[str | os.PathLike], *, dete
     if classes != len(EXPRESSIONS):
         raise ValueError(f"the model has {classes} classes; predictions are named for the {len(EXPRESSIONS)} "
                          f"expressions {', '.join(EXPRESSIONS)}")
-    device = default_device() if device is None else torch.device(device)
+    device = choose_device(device)
     model = model.to(device).eval()
     detector = LandmarkDetector("mtcnn", stretch=True, device=str(device)) if detect else None
     points = landmark_points(model)
@@ -245,9 +240,7 @@ def add_predict_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> None:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available")
-        device = default_device() if args.device is None else torch.device(args.device)
+        device = choose_device(args.device)
         images, is_folder = find_images(args.target)
         model = _load_run_model(args.model, args.checkpoint, device)
         try:

@@ -55,6 +55,22 @@ def environment() -> dict[str, Any]:
             "cpu_threads": torch.get_num_threads()}
 
 
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a command runs on: `device` ("cpu", "cuda", "cuda:N"), checked to exist; default CUDA when
+    available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda (or cuda:N), got {device!r}")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available")
+    return chosen
+
+
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Writes `values` as indented JSON, atomically."""
     text = json.dumps(values, indent=2, sort_keys=True).encode("utf-8")

@@ -34,7 +34,7 @@ from . import distributed
 from .argtypes import non_negative_int, positive_int
 from .data.images import write_atomic
 from .data.loader import FaceBatch, FaceDataModule, open_dataset
-from .data.lowlight import PRESETS, LowLight
+from .data.lowlight import LOWLIGHT_CHOICES, LowLight
 from .data.text import label_prompts, text_embedder
 from .models.baseline import BaselineCNN, BaselineConfig, baseline_tiny
 from .models.config import LLDifConfig, apply_overrides, lldif_base, lldif_tiny
@@ -44,7 +44,6 @@ from .run import Run, RunError
 STAGES = ("la-clip", "1", "2")
 MODELS = ("lldif", "baseline")
 OPTIMIZERS = ("adam", "sgd")
-LOWLIGHT_CHOICES = ("none", *PRESETS)
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
 

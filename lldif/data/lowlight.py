@@ -170,6 +170,9 @@ PRESETS: Mapping[str, Mapping[str, tuple[float, float]]] = MappingProxyType({
 })
 
 
+LOWLIGHT_CHOICES = ("none", *PRESETS)  # what training and evaluation accept: a preset, or the images as given
+
+
 def _check_preset(preset: str) -> str:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..data.images import write_atomic
+from ..run import write_json
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -24,8 +25,7 @@ def save_model_folder(directory: str | os.PathLike, config: dict[str, Any], modu
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
     payload = safetensors.torch.save(weights, metadata={"format": "pt", **(metadata or {})})
     write_atomic(directory / WEIGHTS_FILE, lambda file: file.write(payload))
-    text = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
-    write_atomic(directory / CONFIG_FILE, lambda file: file.write(text))
+    write_json(directory / CONFIG_FILE, config)
 
 
 def read_model_folder(directory: str | os.PathLike, map_location: str | torch.device = "cpu"
