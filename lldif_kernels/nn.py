@@ -10,13 +10,17 @@ from .ops.modulated_layer_norm import modulated_layer_norm
 from .ops.window_cross_attention import window_cross_attention
 from .reference import relative_position_index
 
+MODULATIONS = ("diffir", "adaln")
+
 
 class ModulatedLayerNorm(nn.Module):
     """LayerNorm over channels, modulated per sample by a prior vector (LLDif Eq. 2).
 
-    ``forward(x, z)``: ``[scale; shift] = kernel(z)`` with a bias-free ``Linear(prior_dim, 2C)`` (DiffIR's
-    ``kernel``), then ``scale * LayerNorm(x) + shift``. ``x`` is ``(B, C, H, W)`` or ``(B, N, C)``, ``z`` is
-    ``(B, prior_dim)``.
+    ``forward(x, z)``: ``[s; h] = kernel(z)`` with a bias-free ``Linear(prior_dim, 2C)`` (DiffIR's ``kernel``),
+    then, with ``modulation="diffir"``, DiffIR's ``s * LayerNorm(x) + h``; with ``modulation="adaln"``,
+    ``(1 + s) * LayerNorm(x) + h`` with ``kernel`` zero-initialised (AdaLN-Zero): the layer starts as a plain
+    LayerNorm whatever the prior's scale, instead of scaling its output by ``kernel(z)`` ≈ 0. ``x`` is
+    ``(B, C, H, W)`` or ``(B, N, C)``, ``z`` is ``(B, prior_dim)``.
     """
 
     def __init__(
@@ -26,22 +30,31 @@ class ModulatedLayerNorm(nn.Module):
         bias_free: bool = False,
         eps: float = 1e-5,
         backend: str | None = None,
+        modulation: str = "diffir",
     ) -> None:
         super().__init__()
         if channels < 1 or prior_dim < 1:
             raise ValueError(f"channels and prior_dim must be >= 1, got {channels} and {prior_dim}")
+        if modulation not in MODULATIONS:
+            raise ValueError(f"modulation must be one of {', '.join(MODULATIONS)}, got {modulation!r}")
         self.channels, self.bias_free, self.eps, self.backend = channels, bias_free, eps, backend
+        self.modulation = modulation
         self.kernel = nn.Linear(prior_dim, 2 * channels, bias=False)
+        if modulation == "adaln":
+            nn.init.zeros_(self.kernel.weight)
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = None if bias_free else nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         scale, shift = self.kernel(z).chunk(2, dim=1)
+        if self.modulation == "adaln":
+            scale = scale + 1
         return modulated_layer_norm(x, scale, shift, self.weight, self.bias, self.eps, self.bias_free,
                                     backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, prior_dim={self.kernel.in_features}, bias_free={self.bias_free}, eps={self.eps}"
+        return (f"{self.channels}, prior_dim={self.kernel.in_features}, bias_free={self.bias_free}, eps={self.eps}, "
+                f"modulation={self.modulation}")
 
 
 class TransposedAttention(nn.Module):

@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
 
 import lldif_kernels
@@ -268,3 +269,110 @@ def test_triton_limits_are_reasons_not_crashes():
     x, s = torch.randn(1, 5000, 1, 1), torch.randn(1, 5000)
     with pytest.raises(BackendNotSupportedError, match="C=5000 exceeds the Triton kernel's limit"):
         lldif_kernels.modulated_layer_norm(x, s, s, backend="triton")
+
+
+# --- the AdaLN-Zero modulation of the module: (1 + s) * LayerNorm(x) + h ------------------------------------------
+
+
+def adaln_layer(channels, prior_dim, bias_free, backend, seed=0):
+    """An adaln module moved off its zero-kernel, ones/zeros initialisation so every parameter matters."""
+    torch.manual_seed(seed)
+    layer = ModulatedLayerNorm(channels, prior_dim, bias_free=bias_free, backend=backend, modulation="adaln")
+    with torch.no_grad():
+        layer.kernel.weight.normal_(0, 0.5)
+        layer.weight.uniform_(0.5, 1.5)
+        if layer.bias is not None:
+            layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def parameters(layer):
+    """kernel.weight, weight and (unless bias_free) bias, in that order."""
+    return [t for t in (layer.kernel.weight, layer.weight, layer.bias) if t is not None]
+
+
+def adaln_float64(layer, x, z, tokens):
+    """(1 + s) * LN(x) + h in float64 from the layer's parameters, channels last when `tokens`; returns the output
+    and the float64 leaves [x, z, kernel.weight, weight, (bias)]."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, z, *parameters(layer))]
+    x64, z64, kernel, weight = leaves[:4]
+    bias = leaves[4] if len(leaves) == 5 else None
+    channels = x64 if tokens else x64.movedim(1, -1)
+    mean = channels.mean(-1, keepdim=True)
+    var = channels.var(-1, keepdim=True, unbiased=False)
+    centred = channels if bias is None else channels - mean
+    normed = centred / torch.sqrt(var + layer.eps) * weight + (0 if bias is None else bias)
+    s, h = (z64 @ kernel.T).chunk(2, dim=1)
+    if tokens:
+        y = (1 + s[:, None]) * normed + h[:, None]
+    else:
+        y = ((1 + s[:, None, None]) * normed + h[:, None, None]).movedim(-1, 1)
+    return y, leaves
+
+
+def module_outputs(layer, x, z, grad_out):
+    """The module's output and the gradients of x, z and every parameter for the cotangent grad_out."""
+    x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
+    y = layer(x, z)
+    return [y, *torch.autograd.grad(y, [x, z, *parameters(layer)], grad_out)]
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize(("layout", "bias_free"), [("nchw", False), ("nchw", True), ("tokens", False)])
+def test_adaln_module_matches_reference_and_float64_on_every_gradient(backend, device, layout, bias_free):
+    skip_unless_serves(backend, device)
+    fused = adaln_layer(5, 4, bias_free, backend).to(device)
+    reference_layer = adaln_layer(5, 4, bias_free, "reference").to(device)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 3, 3, generator=gen) * 2 + 0.5
+    if layout == "tokens":
+        x = x.flatten(2).transpose(1, 2).contiguous()
+    x, z = x.to(device), torch.randn(2, 4, generator=gen).to(device)
+    grad_out = torch.randn(x.shape, generator=gen).to(device)
+    got = module_outputs(fused, x, z, grad_out)
+    eager = module_outputs(reference_layer, x, z, grad_out)
+    y64, leaves = adaln_float64(fused, x, z, tokens=layout == "tokens")
+    exact = [y64, *torch.autograd.grad(y64, leaves, grad_out.double())]
+    names = ["y", "dx", "dz", "dkernel", "dweight", "dbias"][:len(got)]
+    assert len(got) == len(eager) == len(exact) == 6 - bias_free
+    for name, out, want, eager_t in zip(names, got, exact, eager, strict=True):
+        torch.testing.assert_close(out, eager_t, rtol=1e-5, atol=1e-5, msg=name)
+        assert_within_tolerance(name, out, want, eager_t)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_adaln_module_starts_as_a_plain_layer_norm_whatever_the_prior(backend, layout):
+    torch.manual_seed(0)
+    layer = ModulatedLayerNorm(6, prior_dim=8, backend=backend, modulation="adaln")
+    assert torch.count_nonzero(layer.kernel.weight) == 0
+    assert torch.count_nonzero(ModulatedLayerNorm(6, prior_dim=8).kernel.weight) > 0  # diffir keeps Linear's init
+    x = torch.randn(3, 6, 4, 5)
+    if layout == "tokens":
+        x = x.flatten(2).transpose(1, 2).contiguous()
+    plain = F.layer_norm(x if layout == "tokens" else x.movedim(1, -1), (6,), layer.weight, layer.bias, layer.eps)
+    plain = plain if layout == "tokens" else plain.movedim(-1, 1)
+    outputs = [layer(x, z) for z in (torch.zeros(3, 8), torch.randn(3, 8), 1e3 * torch.randn(3, 8))]
+    for y in outputs:
+        torch.testing.assert_close(y, plain, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y, outputs[0])
+    # AdaLN-Zero: the zero kernel still gets a gradient, so the prior can start to modulate.
+    layer(x, torch.randn(3, 8)).square().sum().backward()
+    assert layer.kernel.weight.grad.abs().sum() > 0
+
+
+def test_diffir_and_adaln_differ_by_the_one_in_the_scale():
+    torch.manual_seed(0)
+    diffir = ModulatedLayerNorm(6, prior_dim=8)
+    adaln = ModulatedLayerNorm(6, prior_dim=8, modulation="adaln")
+    adaln.load_state_dict(diffir.state_dict())  # the same parameters, names and shapes
+    x, z = torch.randn(2, 6, 3, 3), torch.randn(2, 8)
+    plain = ModulatedLayerNorm(6, prior_dim=8, modulation="adaln")
+    plain.load_state_dict({**diffir.state_dict(), "kernel.weight": torch.zeros(12, 8)})
+    torch.testing.assert_close(adaln(x, z), diffir(x, z) + plain(x, z), rtol=1e-5, atol=1e-5)
+    assert "modulation=adaln" in repr(adaln) and "modulation=diffir" in repr(diffir)
+
+
+def test_bad_modulation_names_the_argument():
+    with pytest.raises(ValueError, match=r"\bmodulation\b.*'bogus'"):
+        ModulatedLayerNorm(4, prior_dim=8, modulation="bogus")
