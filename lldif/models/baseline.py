@@ -54,6 +54,8 @@ def baseline_tiny(image_size: int = 64) -> BaselineConfig:
 class BaselineCNN(nn.Module):
     """ResNet-18-style classifier of ImageNet-normalised (B, 3, S, S) images; landmarks are accepted and ignored."""
 
+    landmark_points: int | None = None  # it reads no landmarks (see LLDif.landmark_points)
+
     def __init__(self, config: BaselineConfig | None = None) -> None:
         super().__init__()
         self.config = config = BaselineConfig() if config is None else config

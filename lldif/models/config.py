@@ -23,6 +23,7 @@ class DTNetConfig:
     ffn_expansion: float = 2.66
     bias: bool = False
     bias_free_norm: bool = False                    # Restormer's BiasFree LayerNorm instead of WithBias
+    modulation: str = "adaln"                       # (1 + s) LN(x) + h, zero-init kernel; "diffir": s LN(x) + h
     taps: str = "decoder"                           # dec-L2, dec-L3, latent; "encoder": enc-L2, enc-L3, latent
 
 
@@ -52,6 +53,7 @@ class FusionConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     concat: str = "channel"                         # or "token": 294 tokens instead of 147 (SPEC 7.5)
+    readout: str = "cls"                            # the class token (POSTER++), "mean" of the others, or "tokens"
 
 
 @dataclass
@@ -61,6 +63,9 @@ class PriorConfig:
     dim: int = 256
     pnet_s1: str = "cross_attention"                # or "mlp": LRDif's concat + MLP (SPEC 3.2)
     pnet_s1_label: str = "ground_truth"             # or "predicted": LA-CLIP's e_l instead of the label text
+    normalize: str = "batch"                        # Z standardised per dimension (BatchNorm, no affine); "none"
+    label_embedding: str = "centered"               # label embeddings minus the prompts' mean, unit length; "raw"
+    label_dropout: float = 0.5                      # stage 1: share of samples given the null (mean) label
     pnet_s2_feats: int = 64
     pnet_s2_res_blocks: int = 6
     denoiser_blocks: int = 1
@@ -168,14 +173,16 @@ def lldif_base() -> LLDifConfig:
 def lldif_tiny() -> LLDifConfig:
     """Same structure, small enough to train on two CPU cores in minutes. Its DLNet has no LayerScale damping and
     no DropPath: POSTER++'s 1e-5 layer scale keeps the landmark branch silent for the first thousand-odd steps,
-    which is all a few-minute run has (measured: no learning in 140 steps with it, loss 1.95 -> 1.4 without)."""
+    which is all a few-minute run has (measured: no learning in 140 steps with it, loss 1.95 -> 1.4 without). Its
+    classifier reads every fusion token with its position instead of the cls token, which in a few hundred steps
+    neither follows the prior nor the image (docs/experiments.md, section 1)."""
     return LLDifConfig(
         image_size=64,
         internal_size=64,
         dtnet=DTNetConfig(dim=16, encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1), heads=(1, 1, 2, 2)),
         dlnet=DLNetConfig(dims=(32, 32, 64), heads=(1, 1, 2), layer_scale=1.0, drop_path=0.0,
                           landmark_features="heatmap", image_backbone="resnet", resnet_widths=(16, 32, 64)),
-        fusion=FusionConfig(embed_dim=64, depth=1, heads=2),
+        fusion=FusionConfig(embed_dim=64, depth=1, heads=2, readout="tokens"),
         prior=PriorConfig(dim=64, pnet_s2_feats=16, pnet_s2_res_blocks=1),
         la_clip=LAClipConfig(width=64, layers=2, heads=2, patch_size=8, image_size=64, embed_dim=64),
     )

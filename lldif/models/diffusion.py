@@ -14,16 +14,18 @@ from lldif.models.pnet import check_shape
 
 
 class Denoiser(nn.Module):
-    """[c, t/(10 T), z_t] -> Linear + LReLU, then `blocks` x (Linear + LReLU); no residual (DiffIR's `denoise`)."""
+    """[c, t/(10 T), z_t] -> Linear + LReLU, then `blocks` x (Linear + LReLU); no residual (DiffIR's `denoise`).
+    With `linear_output`, the last LReLU is left out: DiffIR's ends in one because the prior it predicts leaves
+    PNET_S1 through one, which a normalised prior (zero mean, either sign) does not."""
 
-    def __init__(self, dim: int, blocks: int, timesteps: int = 4):
+    def __init__(self, dim: int, blocks: int, timesteps: int = 4, linear_output: bool = False):
         super().__init__()
         self.dim = dim
         self.max_period = timesteps * 10
         layers: list[nn.Module] = [nn.Linear(2 * dim + 1, dim), nn.LeakyReLU(0.1, inplace=True)]
         for _ in range(blocks):
             layers += [nn.Linear(dim, dim), nn.LeakyReLU(0.1, inplace=True)]
-        self.resmlp = nn.Sequential(*layers)
+        self.resmlp = nn.Sequential(*(layers[:-1] if linear_output else layers))
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """z_t (B, dim), t (B,) schedule indices, c (B, dim) -> (B, dim)."""
@@ -66,7 +68,8 @@ class PriorDiffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
-        self.denoiser = Denoiser(config.dim, config.denoiser_blocks, config.steps) if config.use_diffusion else None
+        self.denoiser = Denoiser(config.dim, config.denoiser_blocks, config.steps, config.normalize != "none") \
+            if config.use_diffusion else None
 
     def _steps(self, steps: int | None) -> int:
         steps = self.timesteps if steps is None else steps

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lldif.models.config import DTNetConfig
-from lldif_kernels.nn import ModulatedLayerNorm, TransposedAttention
+from lldif_kernels.nn import MODULATIONS, ModulatedLayerNorm, TransposedAttention
 
 TAPS = ("decoder", "encoder")
 
@@ -37,12 +37,14 @@ class TransformerBlock(nn.Module):
 
     def __init__(
         self, dim: int, heads: int, ffn_expansion: float, prior_dim: int, bias: bool = False,
-        bias_free_norm: bool = False, backend: str | None = None,
+        bias_free_norm: bool = False, backend: str | None = None, modulation: str = "diffir",
     ) -> None:
         super().__init__()
-        self.norm1 = ModulatedLayerNorm(dim, prior_dim, bias_free=bias_free_norm, backend=backend)
+        self.norm1 = ModulatedLayerNorm(dim, prior_dim, bias_free=bias_free_norm, backend=backend,
+                                        modulation=modulation)
         self.attn = TransposedAttention(dim, heads, bias=bias, backend=backend)
-        self.norm2 = ModulatedLayerNorm(dim, prior_dim, bias_free=bias_free_norm, backend=backend)
+        self.norm2 = ModulatedLayerNorm(dim, prior_dim, bias_free=bias_free_norm, backend=backend,
+                                        modulation=modulation)
         self.ffn = GatedDepthwiseFeedForward(dim, ffn_expansion, bias=bias)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -94,6 +96,8 @@ class DTNet(nn.Module):
         super().__init__()
         if config.taps not in TAPS:
             raise ValueError(f"config.taps must be one of {TAPS}, got {config.taps!r}")
+        if config.modulation not in MODULATIONS:
+            raise ValueError(f"config.modulation must be one of {MODULATIONS}, got {config.modulation!r}")
         if len(config.encoder_blocks) != 4 or len(config.heads) != 4 or len(config.decoder_blocks) != 2:
             raise ValueError("config needs 4 encoder_blocks, 4 heads and 2 decoder_blocks, got "
                              f"{config.encoder_blocks}, {config.heads}, {config.decoder_blocks}")
@@ -104,7 +108,7 @@ class DTNet(nn.Module):
         def level(width: int, blocks: int, heads: int) -> nn.Sequential:
             return nn.Sequential(*(
                 TransformerBlock(width, heads, config.ffn_expansion, prior_dim, config.bias, config.bias_free_norm,
-                                 backend) for _ in range(blocks)))
+                                 backend, config.modulation) for _ in range(blocks)))
 
         blocks, heads = config.encoder_blocks, config.heads
         self.patch_embed = OverlapPatchEmbed(in_channels, dim)

@@ -16,6 +16,8 @@ from torch import nn
 from .config import FusionConfig
 from .layers import Mlp
 
+READOUTS = ("cls", "mean", "tokens")
+
 
 def _halvings(side: int, target: int) -> int:
     """How many 3x3 stride-2 convs (padding 1) take `side` to `target`; raises if none does."""
@@ -85,7 +87,10 @@ class FusionHead(nn.Module):
     """Three DTNet taps and three DLNet outputs -> logits (B, num_classes).
 
     `concat="channel"` embeds [F_s; O_s] per scale (3 x side**2 tokens); `"token"` embeds F_s and O_s separately
-    (each embed_* is then a ModuleList [dtnet, dlnet]) and doubles the tokens.
+    (each embed_* is then a ModuleList [dtnet, dlnet]) and doubles the tokens. `readout` is what the classifier
+    reads: POSTER++'s cls token, the mean of the tokens, or all tokens with their positions ("tokens": the SE gate
+    per token, one Linear over them all), which on aligned faces learns where a cls token first has to learn to
+    attend.
     """
 
     def __init__(self, config: FusionConfig, dtnet_channels: Sequence[int], dlnet_channels: Sequence[int],
@@ -97,6 +102,9 @@ class FusionHead(nn.Module):
                 raise ValueError(f"{name} must have 3 entries, got {tuple(value)}")
         if config.concat not in ("channel", "token"):
             raise ValueError(f"config.concat must be 'channel' or 'token', got {config.concat!r}")
+        if config.readout not in READOUTS:
+            raise ValueError(f"config.readout must be one of {READOUTS}, got {config.readout!r}")
+        self.readout = config.readout
         self.dtnet_channels, self.dlnet_channels = tuple(dtnet_channels), tuple(dlnet_channels)
         self.scales, self.concat = tuple(scales), config.concat
         dim, target = config.embed_dim, scales[2]
@@ -113,7 +121,7 @@ class FusionHead(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, config.heads, config.mlp_ratio) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.se_block = SEBlock(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim * tokens if self.readout == "tokens" else dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for module in [self.blocks, self.se_block, self.head]:
@@ -131,7 +139,8 @@ class FusionHead(nn.Module):
                 raise ValueError(f"{name}[{i}] must have shape ({batch}, {c}, {side}, {side}), got {tuple(x.shape)}")
 
     def features(self, dtnet_features: Sequence[torch.Tensor], dlnet_features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The SE-gated cls feature (B, embed_dim) before the classifier."""
+        """The SE-gated feature before the classifier: the cls token's or the tokens' mean (B, embed_dim), or every
+        token, flattened in order (B, tokens * embed_dim)."""
         self._check(dtnet_features, "dtnet_features", self.dtnet_channels)
         self._check(dlnet_features, "dlnet_features", self.dlnet_channels)
         if dlnet_features[0].shape[0] != dtnet_features[0].shape[0]:
@@ -147,7 +156,9 @@ class FusionHead(nn.Module):
         x = torch.cat(tokens, dim=1)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
-        return self.se_block(x[:, 0])
+        if self.readout == "tokens":
+            return self.se_block(x[:, 1:]).flatten(1)
+        return self.se_block(x[:, 0] if self.readout == "cls" else x[:, 1:].mean(dim=1))
 
     def forward(self, dtnet_features: Sequence[torch.Tensor], dlnet_features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Three (B, C_s, side_s, side_s) maps from each branch -> logits (B, num_classes)."""

@@ -28,13 +28,14 @@ from .pretrained import read_model_folder, save_model_folder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 STAGES = (0, 1, 2)
+LABEL_EMBEDDINGS = ("centered", "raw")
 
 
 class StageLosses(NamedTuple):
-    """A training stage's loss (`total`, the one to back-propagate) and its parts."""
+    """A training stage's loss (`total`, the one to back-propagate) and its parts (None: not computed)."""
 
     total: torch.Tensor
-    classification: torch.Tensor
+    classification: torch.Tensor | None
     prior: torch.Tensor
 
 
@@ -52,6 +53,11 @@ class LLDif(nn.Module):
         self.config = config = lldif_base() if config is None else config
         if config.in_channels != 3:
             raise ValueError(f"config.in_channels must be 3 (the backbones take RGB), got {config.in_channels}")
+        if config.prior.label_embedding not in LABEL_EMBEDDINGS:
+            raise ValueError(f"config.prior.label_embedding must be one of {LABEL_EMBEDDINGS}, got "
+                             f"{config.prior.label_embedding!r}")
+        if not 0.0 <= config.prior.label_dropout <= 1.0:
+            raise ValueError(f"config.prior.label_dropout must be in [0, 1], got {config.prior.label_dropout}")
         side = config.internal_size
         self.la_clip = LAClip(config.la_clip)
         self.pnet_s1 = PNetS1(config.prior, config.la_clip.embed_dim, config.la_clip.embed_dim)
@@ -67,6 +73,13 @@ class LLDif(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     # inputs
+
+    @property
+    def landmark_points(self) -> int | None:
+        """How many landmark points per face the model reads (heatmap landmark features), None when it reads none
+        (MobileFaceNet computes its landmark features from the image)."""
+        dlnet = self.config.dlnet
+        return dlnet.landmark_points if dlnet.landmark_features == "heatmap" else None
 
     def _check_images(self, images: torch.Tensor) -> None:
         size, channels = self.config.image_size, self.config.in_channels
@@ -123,7 +136,7 @@ class LLDif(nn.Module):
     def llformer(self, images: torch.Tensor, landmarks: torch.Tensor | None, prior: torch.Tensor, *,
                  features: bool = False) -> torch.Tensor:
         """Logits of images at the internal size under a prior (B, prior.dim): DTNet, DLNet, fusion head; with
-        `features`, the fused feature (B, fusion.embed_dim) before the classifier instead."""
+        `features`, the fused features before the classifier instead (`FusionHead.features`)."""
         with nvtx_range("lldif::dtnet"):
             restoration = self.dtnet(images, prior)
         with nvtx_range("lldif::dlnet"):
@@ -131,28 +144,48 @@ class LLDif(nn.Module):
         with nvtx_range("lldif::fusion"):
             return (self.head.features if features else self.head)(restoration, landmark)
 
-    def teacher_prior(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Z = PNET_S1(LA-CLIP(images), label embedding) (Eq. 1); LA-CLIP runs without gradient."""
+    def teacher_prior(self, images: torch.Tensor, labels: torch.Tensor,
+                      drop_label: torch.Tensor | None = None) -> torch.Tensor:
+        """Z = PNET_S1(LA-CLIP(images), label embedding) (Eq. 1); LA-CLIP runs without gradient. Samples where the
+        (B,) bool `drop_label` is True get the null label: the mean of the label prompts' embeddings."""
         with nvtx_range("lldif::la_clip"), torch.no_grad():
             image_embedding, predicted_label = self.la_clip.encode(self._clip_view(images))
+            prompts = self.la_clip.embed_text(self.label_prompt_embeddings)
             if self.config.prior.pnet_s1_label == "ground_truth":
-                label_embedding = self.la_clip.embed_text(self.label_prompt_embeddings)[labels]
+                label_embedding = prompts[labels]
             else:
                 label_embedding = predicted_label
+            if drop_label is not None:
+                label_embedding = torch.where(drop_label[:, None], prompts.mean(0), label_embedding)
+            if self.config.prior.label_embedding == "centered":
+                # The K prompts share most of their embedding ("a photo of a ... face"): only what tells them
+                # apart is kept, at unit length, so the label is as visible in Z as the image (the null label is 0).
+                label_embedding = F.normalize(label_embedding - prompts.mean(0), dim=-1)
         with nvtx_range("lldif::pnet_s1"):
             return self.pnet_s1(image_embedding, label_embedding)
+
+    def inference_prior(self, images: torch.Tensor, *, generator: torch.Generator | None = None,
+                        steps: int | None = None) -> torch.Tensor:
+        """Z-hat_0 (B, prior.dim) of the inference path: PNET_S2, then `steps` (default T) reverse steps from
+        N(0, I) (`generator` makes them repeatable)."""
+        internal, _ = self._internal(images, None)
+        return self._diffusion_prior(internal, generator, steps)
+
+    def _diffusion_prior(self, internal: torch.Tensor, generator: torch.Generator | None,
+                         steps: int | None) -> torch.Tensor:
+        with nvtx_range("lldif::pnet_s2"):
+            condition = self.pnet_s2(internal)
+        with nvtx_range("lldif::diffusion"):
+            return self.diffusion.sample(condition, generator, steps=steps)
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, steps: int | None = None,
                 features: bool = False) -> torch.Tensor:
         """Inference logits (B, num_classes): PNET_S2, `steps` (default T) reverse steps from N(0, I) (`generator`
-        makes them repeatable), then the LLformer. With `features`, the fused features (B, fusion.embed_dim)
-        before the classifier instead of the logits."""
+        makes them repeatable), then the LLformer. With `features`, the fused features before the classifier
+        instead of the logits ((B, fusion.embed_dim), or every token's with `fusion.readout="tokens"`)."""
         internal, landmarks = self._internal(images, landmarks)
-        with nvtx_range("lldif::pnet_s2"):
-            condition = self.pnet_s2(internal)
-        with nvtx_range("lldif::diffusion"):
-            prior = self.diffusion.sample(condition, generator, steps=steps)
+        prior = self._diffusion_prior(internal, generator, steps)
         return self.llformer(internal, landmarks, prior, features=features)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
@@ -181,23 +214,35 @@ class LLDif(nn.Module):
         _, label_embedding = self.la_clip.encode(self._clip_view(images))
         return label_embedding @ self.la_clip.embed_text(self.label_prompt_embeddings).T
 
+    def prior_logits(self, images: torch.Tensor, landmarks: torch.Tensor | None, prior: torch.Tensor, *,
+                     features: bool = False) -> torch.Tensor:
+        """The LLformer's logits for images under a given prior (B, prior.dim), e.g. a teacher's or a mean one; with
+        `features`, the fused features before the classifier instead."""
+        internal, landmarks = self._internal(images, landmarks)
+        return self.llformer(internal, landmarks, prior, features=features)
+
     def teacher_logits(self, images: torch.Tensor, labels: torch.Tensor,
                        landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """Stage 1's logits: the LLformer under the teacher prior Z, which sees the label text (ground truth by
         default), so they measure how well the prior can guide the LLformer, not inference accuracy."""
-        internal, landmarks = self._internal(images, landmarks)
-        return self.llformer(internal, landmarks, self.teacher_prior(images, labels))
+        return self.prior_logits(images, landmarks, self.teacher_prior(images, labels))
 
     def stage1_loss(self, batch: Any) -> StageLosses:
-        """Stage 1: cross-entropy (Eq. 13) of the LLformer under the teacher prior Z (PNET_S1 trains with it)."""
-        labels = _batch_field(batch, "label")
-        logits = self.teacher_logits(_batch_field(batch, "image"), labels, _batch_field(batch, "landmarks"))
+        """Stage 1: cross-entropy (Eq. 13) of the LLformer under the teacher prior Z (PNET_S1 trains with it); in
+        training, each sample's label is replaced by the null label with probability `prior.label_dropout`, so
+        the LLformer also learns to classify from the image when the prior carries no label."""
+        images, labels = _batch_field(batch, "image"), _batch_field(batch, "label")
+        dropout = self.config.prior.label_dropout if self.training else 0.0
+        drop = torch.rand(labels.shape, device=labels.device) < dropout if dropout > 0 else None
+        logits = self.prior_logits(images, _batch_field(batch, "landmarks"), self.teacher_prior(images, labels, drop))
         loss = classification_loss(logits, labels, self.config.loss.label_smoothing)
         return StageLosses(loss, loss, loss.new_zeros(()))
 
-    def stage2_loss(self, batch: Any, generator: torch.Generator | None = None) -> StageLosses:
+    def stage2_loss(self, batch: Any, generator: torch.Generator | None = None, *,
+                    prior_only: bool = False) -> StageLosses:
         """Stage 2 (Eq. 18): cross-entropy of the LLformer under the diffusion prior Z-hat_0 plus the prior loss
-        between Z-hat_0 and the frozen teacher's Z (Eq. 17)."""
+        between Z-hat_0 and the frozen teacher's Z (Eq. 17). With `prior_only` (the warm-up of PNET_S2 and the
+        denoiser) the LLformer does not run: the loss is the prior term and `classification` is None."""
         images, labels = _batch_field(batch, "image"), _batch_field(batch, "label")
         internal, landmarks = self._internal(images, _batch_field(batch, "landmarks"))
         with torch.no_grad():
@@ -206,9 +251,11 @@ class LLDif(nn.Module):
             condition = self.pnet_s2(internal)
         with nvtx_range("lldif::diffusion"):
             prior = self.diffusion.training_prior(teacher, condition, generator)
+        prior_term = prior_loss(teacher, prior, self.config.loss)
+        if prior_only:
+            return StageLosses(prior_term, None, prior_term)
         logits = self.llformer(internal, landmarks, prior)
         classification = classification_loss(logits, labels, self.config.loss.label_smoothing)
-        prior_term = prior_loss(teacher, prior, self.config.loss)
         return StageLosses(classification + prior_term, classification, prior_term)
 
     def _trainable_parts(self, stage: int) -> tuple[nn.Module, ...]:

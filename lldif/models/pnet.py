@@ -8,6 +8,8 @@ from torch import nn
 
 from lldif.models.config import PriorConfig
 
+PRIOR_NORMS = ("batch", "none")
+
 
 def check_shape(x: torch.Tensor, name: str, shape: tuple[int | None, ...]) -> None:
     """Raise naming `name` unless `x` has `shape` (None matches any size)."""
@@ -132,15 +134,22 @@ class PNetS1(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, dim), nn.LeakyReLU(0.1, inplace=True), nn.Linear(dim, dim), nn.LeakyReLU(0.1, inplace=True)
         )
+        if config.normalize not in PRIOR_NORMS:
+            raise ValueError(f"config.normalize must be one of {PRIOR_NORMS}, got {config.normalize!r}")
+        # Each dimension of Z standardised over the data (statistics of stage 1, frozen with PNET_S1 afterwards):
+        # what tells samples apart is then at unit scale, the scale a zero-initialised modulation kernel learns
+        # from at its learning rate and the diffusion's unit-variance noise assumes. At initialisation nearly all
+        # of the raw Z is a vector shared by every sample (the biases, the learned query).
+        self.out_norm = nn.BatchNorm1d(dim, affine=False) if config.normalize == "batch" else nn.Identity()
 
     def forward(self, image_embed: torch.Tensor, label_embed: torch.Tensor) -> torch.Tensor:
         """(B, image_embed_dim), (B, label_embed_dim) -> Z (B, dim)."""
         check_shape(image_embed, "image_embed", (None, self.image_embed_dim))
         check_shape(label_embed, "label_embed", (image_embed.shape[0], self.label_embed_dim))
         if self.kind == "mlp":
-            return self.mlp(self.proj(torch.cat([image_embed, label_embed], dim=1)))
+            return self.out_norm(self.mlp(self.proj(torch.cat([image_embed, label_embed], dim=1))))
         tokens = torch.stack([self.image_proj(image_embed), self.label_proj(label_embed)], dim=1) + self.type_embed
         q = self.query.expand(image_embed.shape[0], -1, -1)
         for block in self.blocks:
             q = block(q, tokens)
-        return self.mlp(q[:, 0])
+        return self.out_norm(self.mlp(q[:, 0]))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import lldif_kernels
 from lldif.models.config import lldif_base, lldif_tiny
 from lldif.models.dtnet import DTNet, GatedDepthwiseFeedForward, TransformerBlock
+from lldif_kernels.nn import ModulatedLayerNorm
 
 
 def _model(config, seed: int = 0, **overrides) -> DTNet:
@@ -70,12 +71,51 @@ def test_encoder_taps_are_the_encoder_outputs() -> None:
         torch.testing.assert_close(tap, conv(seen[name]))
 
 
-def test_prior_changes_every_tap() -> None:
+def _perturb_kernels(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Moves every modulation kernel off its initialisation (adaln's zero), as training would."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ModulatedLayerNorm):
+                module.kernel.weight.normal_(0, std)
+
+
+@pytest.mark.parametrize("modulation", ["diffir", "adaln"])
+def test_prior_changes_every_tap(modulation: str) -> None:
     config = lldif_tiny()
-    model = _model(config)
+    model = _model(config, modulation=modulation)
+    if modulation == "adaln":
+        _perturb_kernels(model)  # zero-initialised: the prior acts once the kernels have learned
     image, z = _inputs(config, batch=1)
     for a, b in zip(model(image, z), model(image, z + 1.0), strict=True):
         assert (a - b).abs().max() > 1e-3
+
+
+def test_modulation_reaches_every_norm_and_defaults_to_adaln() -> None:
+    config = lldif_tiny()
+    assert config.dtnet.modulation == "adaln" and lldif_base().dtnet.modulation == "adaln"
+    for modulation in ("diffir", "adaln"):
+        norms = [m for m in _model(config, modulation=modulation).modules() if isinstance(m, ModulatedLayerNorm)]
+        blocks = sum(config.dtnet.encoder_blocks) + sum(config.dtnet.decoder_blocks)
+        assert len(norms) == 2 * blocks and all(norm.modulation == modulation for norm in norms)
+        assert all((torch.count_nonzero(norm.kernel.weight) == 0) == (modulation == "adaln") for norm in norms)
+
+
+def test_adaln_blocks_start_independent_of_the_prior_and_diffir_ones_do_not() -> None:
+    config = lldif_tiny()
+    image, z = _inputs(config, batch=2)
+    others = (torch.zeros_like(z), 10 * torch.randn_like(z))
+    adaln = _model(config, modulation="adaln")
+    with torch.no_grad():
+        start = adaln(image, z)
+        for other in others:
+            assert all(torch.equal(a, b) for a, b in zip(start, adaln(image, other), strict=True))
+        diffir = _model(config, modulation="diffir")
+        for other in others:
+            assert all((a - b).abs().max() > 1e-3 for a, b in zip(diffir(image, z), diffir(image, other), strict=True))
+    # the prior's gradient still reaches every zero kernel, so it starts to modulate after one step
+    sum(tap.square().sum() for tap in adaln(image, z)).backward()
+    kernels = [m.kernel.weight for m in adaln.modules() if isinstance(m, ModulatedLayerNorm)]
+    assert all(kernel.grad is not None and kernel.grad.abs().sum() > 0 for kernel in kernels)
 
 
 def test_base_parameter_counts_shapes_and_fused_forward() -> None:
@@ -130,8 +170,10 @@ def test_tiny_fused_matches_reference_forward_and_gradients() -> None:
         torch.testing.assert_close(param.grad, params_r[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def _diffir_block(block: TransformerBlock, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """DiffIR's S1 TransformerBlock in plain PyTorch, reading the weights of `block`."""
+def _diffir_block(block: TransformerBlock, x: torch.Tensor, z: torch.Tensor, modulation: str = "diffir"
+                  ) -> torch.Tensor:
+    """DiffIR's S1 TransformerBlock in plain PyTorch, reading the weights of `block` (`modulation="adaln"`: the
+    norms' scale is 1 + k1 instead of k1)."""
 
     def norm(module, y: torch.Tensor) -> torch.Tensor:
         mu, var = y.mean(1, keepdim=True), y.var(1, keepdim=True, unbiased=False)
@@ -140,7 +182,7 @@ def _diffir_block(block: TransformerBlock, x: torch.Tensor, z: torch.Tensor) -> 
         if module.bias is not None:
             y = y + module.bias.view(1, -1, 1, 1)
         k1, k2 = (z @ module.kernel.weight.t()).view(z.shape[0], -1, 1, 1).chunk(2, dim=1)
-        return y * k1 + k2
+        return y * (1 + k1 if modulation == "adaln" else k1) + k2
 
     def conv(layer, y: torch.Tensor) -> torch.Tensor:
         return F.conv2d(y, layer.weight, layer.bias, padding=layer.padding, groups=layer.groups)
@@ -162,18 +204,23 @@ def _diffir_block(block: TransformerBlock, x: torch.Tensor, z: torch.Tensor) -> 
     return x + feed_forward(block.ffn, norm(block.norm2, x))
 
 
+@pytest.mark.parametrize("modulation", ["diffir", "adaln"])
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize(("bias", "bias_free_norm"), [(False, False), (True, True)])
-def test_block_matches_plain_diffir_block(backend: str | None, bias: bool, bias_free_norm: bool) -> None:
+def test_block_matches_plain_diffir_block(backend: str | None, bias: bool, bias_free_norm: bool,
+                                          modulation: str) -> None:
     torch.manual_seed(0)
-    block = TransformerBlock(32, 4, 2.66, prior_dim=24, bias=bias, bias_free_norm=bias_free_norm, backend=backend)
+    block = TransformerBlock(32, 4, 2.66, prior_dim=24, bias=bias, bias_free_norm=bias_free_norm, backend=backend,
+                             modulation=modulation)
     with torch.no_grad():  # move off the ones/zeros init so every parameter matters
         for name, param in block.named_parameters():
             if ("kernel" not in name and param.dim() == 1) or "temperature" in name:
                 param.uniform_(0.5, 1.5)
+            elif "kernel" in name and modulation == "adaln":
+                param.normal_(0, 0.1)
     assert len([n for n, _ in block.named_parameters() if "kernel" in n]) == 2
     x, z = torch.randn(2, 32, 12, 10), torch.randn(2, 24)
-    torch.testing.assert_close(block(x, z), _diffir_block(block, x, z), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(block(x, z), _diffir_block(block, x, z, modulation), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("image_shape", "z_shape", "argument"), [
@@ -197,3 +244,5 @@ def test_bad_config_raises() -> None:
         _model(config, taps="middle")
     with pytest.raises(ValueError, match="encoder_blocks"):
         _model(config, encoder_blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match=r"config\.modulation must be one of .*'bogus'"):
+        _model(config, modulation="bogus")

@@ -19,9 +19,12 @@ def branch_shapes(config):
     return (2 * d, 4 * d, 8 * d), tuple(config.dlnet.dims), sides
 
 
-def make(preset, concat="channel", batch=2):
+def make(preset, concat="channel", batch=2, readout=None):
+    """A head of the preset (its own readout unless `readout` is given) and random inputs of both branches."""
     torch.manual_seed(0)
     config = PRESETS[preset]()
+    if readout is not None:
+        config.fusion.readout = readout
     dt, dl, sides = branch_shapes(config)
     head = FusionHead(dataclasses.replace(config.fusion, concat=concat), dt, dl, config.num_classes, sides)
     f = [torch.randn(batch, c, s, s) for c, s in zip(dt, sides, strict=True)]
@@ -29,17 +32,53 @@ def make(preset, concat="channel", batch=2):
     return config, head, f, o
 
 
+def feature_width(config, concat):
+    """The width of `FusionHead.features`: embed_dim, or embed_dim per token for the "tokens" readout."""
+    tokens = 3 * branch_shapes(config)[2][2] ** 2 * (2 if concat == "token" else 1)
+    return config.fusion.embed_dim * (tokens if config.fusion.readout == "tokens" else 1)
+
+
 @pytest.mark.parametrize("preset", ["base", "tiny"])
 @pytest.mark.parametrize("concat", ["channel", "token"])
 def test_logits_and_features_shapes(preset, concat):
     config, head, f, o = make(preset, concat)
+    assert config.fusion.readout == {"base": "cls", "tiny": "tokens"}[preset]
     logits = head(f, o)
     assert logits.shape == (2, config.num_classes)
     feature = head.features(f, o)
-    assert feature.shape == (2, config.fusion.embed_dim)
+    assert feature.shape == (2, feature_width(config, concat))
     torch.testing.assert_close(head.head(feature), logits)
     tokens = 3 * branch_shapes(config)[2][2] ** 2 * (2 if concat == "token" else 1)
     assert head.pos_embed.shape == (1, tokens + 1, config.fusion.embed_dim)
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean", "tokens"])
+@pytest.mark.parametrize("concat", ["channel", "token"])
+def test_readouts_shapes_and_classifier_width(readout, concat):
+    config, head, f, o = make("tiny", concat, batch=3, readout=readout)
+    tokens = head.pos_embed.shape[1] - 1
+    width = config.fusion.embed_dim * (tokens if readout == "tokens" else 1)
+    assert head.readout == readout and feature_width(config, concat) == width
+    assert head.head.in_features == width and head.head.out_features == config.num_classes
+    logits, feature = head(f, o), head.features(f, o)
+    assert logits.shape == (3, config.num_classes) and feature.shape == (3, width)
+    torch.testing.assert_close(head.head(feature), logits)
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean", "tokens"])
+def test_readouts_read_the_normed_tokens_through_the_se_gate(readout):
+    _, head, f, o = make("tiny", batch=2, readout=readout)
+    seen = {}
+    head.norm.register_forward_hook(lambda module, args, out: seen.update(tokens=out))
+    feature = head.features(f, o)
+    x = seen["tokens"]  # (B, 1 + tokens, embed_dim), the cls token first
+    if readout == "cls":
+        expected = head.se_block(x[:, 0])
+    elif readout == "mean":
+        expected = head.se_block(x[:, 1:].mean(dim=1))  # the image tokens, not the cls one
+    else:  # every token but the cls one gated on its own, concatenated in token order
+        expected = torch.cat([head.se_block(x[:, i]) for i in range(1, x.shape[1])], dim=1)
+    torch.testing.assert_close(feature, expected)
 
 
 def test_base_embeddings_are_posters():
@@ -92,3 +131,10 @@ def test_bad_shapes_raise_naming_the_argument():
         head(f, [x[:1] for x in o])
     with pytest.raises(ValueError, match="scales"):
         FusionHead(lldif_tiny().fusion, (32, 64, 128), (32, 32, 64), 7, (16, 8, 3))
+
+
+def test_bad_readout_raises():
+    config = lldif_tiny()
+    dt, dl, sides = branch_shapes(config)
+    with pytest.raises(ValueError, match=r"config\.readout must be one of .*'max'"):
+        FusionHead(dataclasses.replace(config.fusion, readout="max"), dt, dl, config.num_classes, sides)

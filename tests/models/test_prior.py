@@ -213,3 +213,100 @@ def test_bad_shapes_raise_naming_the_argument():
         prior_kl(torch.randn(2, 63), torch.randn(2, 64), 0.15)
     with pytest.raises(ValueError, match="labels"):
         classification_loss(torch.randn(2, 7), torch.tensor([1.0, 2.0]))
+
+
+# --- the normalised prior: PNET_S1's out_norm and the denoiser's linear output ---------------------------------
+
+
+def pnet_s1(kind: str = "cross_attention", normalize: str = "batch") -> PNetS1:
+    torch.manual_seed(0)
+    return PNetS1(dataclasses.replace(lldif_tiny().prior, pnet_s1=kind, normalize=normalize), 64, 64)
+
+
+def embeddings(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 64, generator=generator), torch.randn(batch, 64, generator=generator)
+
+
+def raw_prior(net: PNetS1) -> dict[str, torch.Tensor]:
+    """Records Z before out_norm on every call of `net`."""
+    seen = {}
+    net.out_norm.register_forward_hook(lambda module, args, out: seen.update(raw=args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "mlp"])
+def test_pnet_s1_batch_norm_standardises_each_dimension_in_training(kind):
+    net = pnet_s1(kind).train()
+    assert isinstance(net.out_norm, torch.nn.BatchNorm1d) and not net.out_norm.affine
+    assert lldif_tiny().prior.normalize == "batch" == lldif_base().prior.normalize
+    seen = raw_prior(net)
+    z = net(*embeddings(32))
+    raw = seen["raw"]
+    torch.testing.assert_close(z.mean(0), torch.zeros(64), rtol=0, atol=1e-5)
+    # unit variance up to BatchNorm's eps, which is not negligible against the small spread of Z at initialisation
+    variance = raw.var(0, unbiased=False)
+    torch.testing.assert_close(z.var(0, unbiased=False), variance / (variance + net.out_norm.eps), rtol=1e-4,
+                               atol=1e-5)
+    assert z.var(0, unbiased=False).min() > 0.7 and z.var(0, unbiased=False).max() <= 1
+    # the running statistics follow the batch (momentum 0.1 from 0 and 1)
+    torch.testing.assert_close(net.out_norm.running_mean, 0.1 * raw.mean(0))
+    torch.testing.assert_close(net.out_norm.running_var, 0.9 + 0.1 * raw.var(0, unbiased=True))
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "mlp"])
+def test_pnet_s1_batch_norm_uses_its_running_statistics_in_eval(kind):
+    net = pnet_s1(kind).train()
+    for seed in range(3):
+        net(*embeddings(16, seed))
+    net.eval()
+    seen = raw_prior(net)
+    running_mean, running_var = net.out_norm.running_mean.clone(), net.out_norm.running_var.clone()
+    image, label = embeddings(5, seed=9)
+    z = net(image, label)
+    expected = (seen["raw"] - running_mean) / torch.sqrt(running_var + net.out_norm.eps)
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(net.out_norm.running_mean, running_mean) and torch.equal(net.out_norm.running_var, running_var)
+    # each sample's prior is its own, not its batch's
+    torch.testing.assert_close(net(image[:1], label[:1]), z[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "mlp"])
+def test_pnet_s1_without_normalisation_returns_the_raw_prior(kind):
+    plain, normalised = pnet_s1(kind, normalize="none").train(), pnet_s1(kind).train()
+    assert isinstance(plain.out_norm, torch.nn.Identity)
+    assert not [key for key in plain.state_dict() if key.startswith("out_norm.")]
+    extra = {key for key in normalised.state_dict() if key not in plain.state_dict()}
+    assert extra == {"out_norm.running_mean", "out_norm.running_var", "out_norm.num_batches_tracked"}
+    seen = raw_prior(normalised)
+    image, label = embeddings(8)
+    z = normalised(image, label)
+    torch.testing.assert_close(plain(image, label), seen["raw"])
+    assert not torch.allclose(z, seen["raw"])
+
+
+def test_pnet_s1_bad_normalize_raises():
+    with pytest.raises(ValueError, match=r"config\.normalize must be one of .*'layer'"):
+        PNetS1(dataclasses.replace(lldif_tiny().prior, normalize="layer"), 64, 64)
+
+
+def test_denoiser_linear_output_drops_only_the_last_activation():
+    torch.manual_seed(0)
+    default = Denoiser(64, 2, 4)
+    torch.manual_seed(0)
+    linear = Denoiser(64, 2, 4, linear_output=True)
+    assert isinstance(default.resmlp[-1], torch.nn.LeakyReLU) and isinstance(linear.resmlp[-1], torch.nn.Linear)
+    assert len(default.resmlp) == len(linear.resmlp) + 1
+    with torch.no_grad():  # pull the output far below zero: only the linear output can follow
+        default.resmlp[-2].bias.fill_(-5.0)
+        linear.resmlp[-1].bias.fill_(-5.0)
+    z, c, t = torch.randn(3, 64), torch.randn(3, 64), torch.tensor([0, 2, 3])
+    out, out_default = linear(z, t, c), default(z, t, c)
+    assert out.max() < -2
+    assert out_default.min() > -1
+    torch.testing.assert_close(out_default, F.leaky_relu(out, 0.1))
+
+
+@pytest.mark.parametrize(("normalize", "last"), [("batch", torch.nn.Linear), ("none", torch.nn.LeakyReLU)])
+def test_diffusion_denoiser_output_follows_the_prior_normalisation(normalize, last):
+    assert isinstance(diffusion(normalize=normalize).denoiser.resmlp[-1], last)
