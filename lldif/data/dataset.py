@@ -4,6 +4,7 @@ records left out (with the reason), so bad data is reported before training inst
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -102,6 +103,17 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def key(self, index: int) -> str:
+        """The key of record `index`, without reading its image."""
+        return self.records[index].key
+
+    @property
+    def identity(self) -> str:
+        """A name for the dataset these records come from, which caches of per-image results are keyed by: the
+        reader and a digest of the root's absolute path (record keys are unique within a root)."""
+        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
+        return f"{self.name}-{digest}"
 
     @property
     def labels(self) -> np.ndarray:

@@ -4,10 +4,12 @@ dlib's 68, and `compute_landmarks` that writes a dataset folder's landmark file 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +17,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .dataset import FaceSample
 from .face_layout import mean_shape
 from .images import ImageReadError, check_rgb, is_image_file, read_rgb
 from .landmark_cache import LANDMARKS_FILE, LandmarkTable, load_landmarks, save_landmarks
+from .lowlight import LowLight
 from .mtcnn import MTCNN, MTCNNWeightsError
 
 DETECTOR_KINDS = ("mtcnn", "dlib68")
@@ -199,27 +203,111 @@ def compute_landmarks(root: str | os.PathLike, out: str | os.PathLike | None = N
     image_paths = sorted(path.relative_to(root).as_posix() for path in root.rglob("*")
                          if path.is_file() and is_image_file(path))
     reused = sum(path in entries for path in image_paths)
-    pending = [path for path in image_paths if path not in entries]
-    unreadable = {}
-    last_save = time.monotonic()
-    for count, relative in enumerate(_progress(pending, progress), start=1):
+    unreadable: dict[str, str] = {}
+
+    def pixels(relative: str) -> np.ndarray | None:
         try:
-            rgb = read_rgb(root / relative)
+            return read_rgb(root / relative)
         except ImageReadError as error:
             unreadable[relative] = error.reason
+            return None
+
+    pending = [(path, lambda path=path: pixels(path)) for path in image_paths if path not in entries]
+    _detect_pending(pending, entries, detector, out, progress)
+    found = sum(entries[path][1] for path in image_paths if path in entries)
+    fallback = sum(path in entries for path in image_paths) - found
+    return LandmarkReport(out, len(image_paths), found, fallback, reused, unreadable)
+
+
+def _detect_pending(pending: list[tuple[str, Callable[[], np.ndarray | None]]],
+                    entries: dict[str, tuple[np.ndarray, bool]], detector: LandmarkDetector, out: Path,
+                    progress: bool) -> None:
+    """Adds the detection (or the mean-shape fallback) of each (key, pixels) pair to `entries`, saving them to
+    `out` periodically and at the end; pixels that give None are left out."""
+    last_save = time.monotonic()
+    for count, (key, read) in enumerate(_progress(pending, progress), start=1):
+        rgb = read()
+        if rgb is None:
             continue
         detection = detector.detect(rgb)
         if detection is None:
-            entries[relative] = (mean_shape(rgb.shape[1], rgb.shape[0], detector.points), False)
+            entries[key] = (mean_shape(rgb.shape[1], rgb.shape[0], detector.points), False)
         else:
-            entries[relative] = (detection.points, True)
+            entries[key] = (detection.points, True)
         if time.monotonic() - last_save > SAVE_INTERVAL_SECONDS and count < len(pending):
             _save_entries(out, entries, detector.points)
             last_save = time.monotonic()
     _save_entries(out, entries, detector.points)
-    found = sum(entries[path][1] for path in image_paths if path in entries)
-    fallback = sum(path in entries for path in image_paths) - found
-    return LandmarkReport(out, len(image_paths), found, fallback, reused, unreadable)
+
+
+def detector_for(landmarks: str, points: int | None) -> str | None:
+    """The detector that must find the landmarks of a model reading `points` landmarks (None: it reads none), when
+    a run's landmarks are `landmarks` ("dataset": the data's own, or a detector kind); None when no detector is
+    needed."""
+    if landmarks == "dataset" or points is None:
+        return None
+    _check_kind(landmarks)
+    if POINTS_OF_KIND[landmarks] < points:
+        raise ValueError(f"landmarks: {landmarks} finds {POINTS_OF_KIND[landmarks]} points, the model reads {points}; "
+                         "use dlib68, or a model with 5-point landmark features (dlnet.landmark_points=5)")
+    return landmarks
+
+
+def _check_darkening(darken: LowLight | None) -> None:
+    if darken is not None and (not isinstance(darken, LowLight) or darken.seed is None):
+        raise ValueError("darken: landmarks are detected once per face, so the darkening must be the same in every "
+                         f"epoch: a LowLight with a seed, got {darken!r}")
+
+
+def landmark_file_name(source, darken: LowLight | None, kind: str) -> str:
+    """The name of the landmark file of a source's faces (`source.identity`) as a detector sees them: normal, or
+    darkened by a seeded LowLight (named by its preset and seed)."""
+    identity = getattr(source, "identity", None)
+    if identity is None:
+        raise ValueError(f"source: a {type(source).__name__} has no `identity` to name its landmark file by")
+    _check_darkening(darken)
+    condition = "normal" if darken is None else f"{darken.preset}-seed{darken.seed}"
+    return f"{identity}-{condition}-{kind}.npz"
+
+
+class DetectedLandmarks:
+    """A face source whose landmarks are the detector's, found in each image as the model sees it -- darkened by
+    `darken` first when given -- instead of the source's own (for synthetic faces the generator's exact points,
+    which no user has). Detections are computed once into the landmark file `cache` (keyed by record key,
+    resumed and saved periodically); faces the detector misses get the mean shape and are counted."""
+
+    def __init__(self, source, kind: str, cache: str | os.PathLike, darken: LowLight | None = None,
+                 progress: bool = True) -> None:
+        _check_kind(kind)
+        _check_darkening(darken)
+        self.source, self.kind = source, kind
+        cache = Path(cache)
+        entries = _resumable_entries(cache, POINTS_OF_KIND[kind])
+        # Sources that can name a face without reading it (`key`) spare a pass over every image when all is cached.
+        key_of = getattr(source, "key", None) or (lambda index: source[index].key)
+        samples = {key_of(index): index for index in range(len(source))}
+        pending = [(key, lambda index=index: self._pixels(index, darken)) for key, index in samples.items()
+                   if key not in entries]
+        if pending:
+            _detect_pending(pending, entries, LandmarkDetector(kind), cache, progress)
+        self.points = {key: entries[key][0] for key in samples}
+        self.found = sum(entries[key][1] for key in samples)
+
+    def _pixels(self, index: int, darken: LowLight | None) -> np.ndarray:
+        sample = self.source[index]
+        return sample.image if darken is None else darken(sample.image, key=sample.key)
+
+    @property
+    def fallback(self) -> int:
+        """How many faces got the mean shape because the detector found none."""
+        return len(self.points) - self.found
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> FaceSample:
+        sample = self.source[index]
+        return dataclasses.replace(sample, landmarks=self.points[sample.key])
 
 
 def _resumable_entries(out: Path, points: int) -> dict[str, tuple[np.ndarray, bool]]:

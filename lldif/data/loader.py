@@ -15,6 +15,7 @@ from PIL import Image
 
 from .dataset import FaceSample, SkippedRecord
 from .face_layout import flip_landmarks
+from .landmarks import DETECTOR_KINDS, DetectedLandmarks, landmark_file_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,14 +143,17 @@ class FaceDataModule:
     sources that are normal-light; `text_embedder` maps captions to embeddings: a frozen one (not an nn.Module
     with trainable parameters) fills `caption_embedding`, a trainable one is left to the training step. Before
     any batch, unreadable images are dropped from sources that can check themselves, and the list of everything
-    left out is written to `run_dir`.
+    left out is written to `run_dir`. With `detect_landmarks` ("mtcnn" or "dlib68"), the landmarks are found by
+    that detector in the images as the model sees them (darkened), cached in landmark files in the folder
+    `landmark_cache` (see `landmarks.DetectedLandmarks`), instead of taken from the sources.
     """
 
     def __init__(self, train: FaceSource, test: FaceSource, *, image_size: int = 112, batch_size: int = 64,
                  workers: int = 0, seed: int = 0, augmentation: Augmentation | None = None,
                  lowlight: Callable[..., np.ndarray] | None = None,
                  text_embedder: Callable[[Sequence[str]], torch.Tensor] | None = None,
-                 run_dir: str | os.PathLike | None = None, check_images: bool = True, progress: bool = True) -> None:
+                 run_dir: str | os.PathLike | None = None, check_images: bool = True, progress: bool = True,
+                 detect_landmarks: str | None = None, landmark_cache: str | os.PathLike | None = None) -> None:
         limits = (("image_size", image_size, 16), ("batch_size", batch_size, 1), ("workers", workers, 0))
         for name, value, low in limits:
             if not isinstance(value, int) or value < low:
@@ -169,10 +173,33 @@ class FaceDataModule:
             self.skipped[split] = list(getattr(source, "skipped", []))
             if run_dir is not None and hasattr(source, "write_skipped"):
                 self.skip_lists.append(source.write_skipped(run_dir))
+        if detect_landmarks is not None:
+            if detect_landmarks not in DETECTOR_KINDS:
+                raise ValueError(f"detect_landmarks must be one of {', '.join(DETECTOR_KINDS)} or None, got "
+                                 f"{detect_landmarks!r}")
+            if landmark_cache is None:
+                raise ValueError("landmark_cache: a folder for the detected landmarks is needed with detect_landmarks")
+        self.detect_landmarks, self.landmark_cache = detect_landmarks, landmark_cache
+        self.progress = progress
+        self.detected: dict[str, DetectedLandmarks] = {}
+
+    def _faces(self, split: str) -> FaceSource:
+        """The split's source; with `detect_landmarks`, wrapped to give the detector's landmarks (detected at the
+        first use of the split)."""
+        source = self.train if split == "train" else self.test
+        if self.detect_landmarks is None:
+            return source
+        if split not in self.detected:
+            file = Path(self.landmark_cache) / landmark_file_name(source, self.lowlight, self.detect_landmarks)
+            self.detected[split] = DetectedLandmarks(source, self.detect_landmarks, file, self.lowlight,
+                                                     self.progress)
+        return self.detected[split]
 
     def summary(self) -> str:
-        """One line: faces per split, how many were left out, and where the lists of them are."""
+        """One line: faces per split, how many were left out, and where the lists of them are; with detected
+        landmarks (once a split has been used), in how many faces the detector found them."""
         counts = "; ".join(f"{split} {len(source)} faces, {len(self.skipped[split])} left out"
+                           + (f", landmarks found in {self.detected[split].found}" if split in self.detected else "")
                            for split, source in (("train", self.train), ("test", self.test)))
         lists = f" (listed in {', '.join(map(str, self.skip_lists))})" if self.skip_lists else ""
         return f"data: {counts}{lists}"
@@ -205,7 +232,7 @@ class FaceDataModule:
         order = self.epoch_order(epoch)
         batches = [order[b * self.batch_size + rank * share:b * self.batch_size + (rank + 1) * share]
                    for b in range(start_batch, self.train_batches())]
-        return self._loader(self.train, epoch, batches, train=True)
+        return self._loader(self._faces("train"), epoch, batches, train=True)
 
     def test_dataloader(self, *, rank: int = 0, world_size: int = 1) -> BatchLoader:
         """The test batches in dataset order, without augmentation; with `world_size` processes, this process gets
@@ -213,7 +240,7 @@ class FaceDataModule:
         _check_shards(world_size, rank, world_size)
         indices = list(range(rank, len(self.test), world_size))
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return self._loader(self.test, 0, batches, train=False)
+        return self._loader(self._faces("test"), 0, batches, train=False)
 
 
 def _check_shards(batch_size: int, rank: int, world_size: int) -> None:

@@ -648,11 +648,20 @@ class SyntheticFaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def identity(self) -> str:
+        """A name for the faces of this generator (keys are unique across its splits and sizes of the set)."""
+        return f"synthetic-seed{self.generator.seed}-{self.generator.size}px"
+
     def __getitem__(self, item: int) -> FaceSample:
         if not 0 <= item < self.num_images:
             raise IndexError(f"item {item} out of range for {self.num_images} synthetic faces")
         face = self.generator.render(self.first_index + item)
         return FaceSample(face.image, face.label, face.landmarks, face.caption, self.relative_path(item))
+
+    def key(self, item: int) -> str:
+        """The key of face `item` (its relative path), without rendering it."""
+        return self.relative_path(item)
 
     def relative_path(self, item: int) -> str:
         """Where `write_synthetic_dataset` puts face `item`, relative to the dataset root."""

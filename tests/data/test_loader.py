@@ -1,4 +1,5 @@
-"""The data module: batch contents, POSTER++ augmentations with landmarks, repeatable order across workers."""
+"""The data module: batch contents, POSTER++ augmentations with landmarks, repeatable order across workers, and
+landmarks detected in the images as the model sees them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from PIL import Image
 
 from lldif.data.dataset import FaceSample
 from lldif.data.folder import ImageFolder
+from lldif.data.landmark_cache import load_landmarks
+from lldif.data.landmarks import LandmarkDetector, landmark_file_name
 from lldif.data.loader import IMAGENET_MEAN, IMAGENET_STD, Augmentation, FaceDataModule, open_dataset
 from lldif.data.lowlight import LowLight
+from lldif.data.synthetic import SyntheticFaceDataset
 
 
 class Dots:
@@ -216,3 +220,42 @@ def test_synthetic_low_light_batches():
     assert float(pixels.mean()) < 0.2  # the paper preset's mean brightness is 5-15 % of full scale
     again = next(iter(module.test_dataloader()))
     assert torch.equal(batch.image, again.image)
+
+
+def test_detected_landmarks_in_batches_and_only_for_the_splits_used(tmp_path, monkeypatch):
+    detect, seen = LandmarkDetector.detect, []
+
+    def counted(self, rgb):
+        seen.append(rgb.shape)
+        return detect(self, rgb)
+
+    monkeypatch.setattr(LandmarkDetector, "detect", counted)
+    train, test = SyntheticFaceDataset(8, "train", size=112), SyntheticFaceDataset(7, "test", size=112)
+    darken = LowLight(seed=0)
+    module = FaceDataModule(train, test, image_size=64, batch_size=4, lowlight=darken, progress=False,
+                            detect_landmarks="mtcnn", landmark_cache=tmp_path / "cache")
+    assert seen == [] and module.detected == {}  # nothing is detected before a split is used
+    batches = list(module.test_dataloader())
+    assert len(seen) == 7 and list(module.detected) == ["test"]
+    cache = tmp_path / "cache" / landmark_file_name(test, darken, "mtcnn")
+    table = load_landmarks(cache)
+    assert sorted(table.paths) == sorted(k for b in batches for k in b.key)
+    points = dict(zip(table.paths, table.points, strict=True))
+    for batch in batches:
+        assert batch.landmarks.shape == (len(batch.key), 5, 2)
+        for key, landmarks in zip(batch.key, batch.landmarks, strict=True):
+            np.testing.assert_allclose(landmarks.numpy(), points[key] * 64 / 112, rtol=1e-6)
+    assert module.summary() == f"data: train 8 faces, 0 left out; test 7 faces, 0 left out, landmarks found in " \
+                               f"{int(table.found.sum())}"
+    # The training split is detected when its batches are first asked for, into the same file, and only once.
+    next(iter(module.train_dataloader(epoch=0)))
+    assert len(seen) == 15 and set(module.detected) == {"train", "test"}
+    list(module.train_dataloader(epoch=1))
+    list(module.test_dataloader())
+    assert len(seen) == 15 and len(load_landmarks(cache).paths) == 15
+
+
+def test_detected_landmarks_need_a_cache_folder():
+    faces = SyntheticFaceDataset(2, "test", size=64)
+    with pytest.raises(ValueError, match="landmark_cache"):
+        FaceDataModule(faces, faces, image_size=64, progress=False, detect_landmarks="mtcnn")
