@@ -62,17 +62,17 @@ def sum_across(values: torch.Tensor, processes: Processes) -> torch.Tensor:
     return values
 
 
-class SharedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batch shares of all processes, so N processes normalise
-    exactly as one process with the whole batch. PyTorch's SyncBatchNorm does this on GPUs only; this one works
-    with any process group (gloo on CPU) through differentiable all-reduces of the per-channel sums."""
+class _SharedStatistics:
+    """The forward of a BatchNorm whose training statistics cover the batch shares of all processes, so N processes
+    normalise exactly as one process with the whole batch. PyTorch's SyncBatchNorm does this on GPUs only; this
+    works with any process group (gloo on CPU) through differentiable all-reduces of the per-channel sums."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        channels = x.shape[1]
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
         count = x.new_full((1,), x.numel() // channels)
-        sums = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        sums = torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), count])
         sums = dist_functional.all_reduce(sums)
         total = sums[-1]
         mean = sums[:channels] / total
@@ -84,22 +84,33 @@ class SharedBatchNorm2d(nn.BatchNorm2d):
                 unbiased = variance * (total / (total - 1).clamp_min(1))
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
-        shape = (1, channels, 1, 1)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
+class SharedBatchNorm1d(_SharedStatistics, nn.BatchNorm1d):
+    """BatchNorm1d with statistics over all processes (see `_SharedStatistics`)."""
+
+
+class SharedBatchNorm2d(_SharedStatistics, nn.BatchNorm2d):
+    """BatchNorm2d with statistics over all processes (see `_SharedStatistics`)."""
+
+
+SHARED_BATCH_NORMS = {nn.BatchNorm1d: SharedBatchNorm1d, nn.BatchNorm2d: SharedBatchNorm2d}
+
+
 def share_batch_norms(model: nn.Module, processes: Processes) -> nn.Module:
-    """Replaces the model's BatchNorm2d layers by ones with statistics over all processes (PyTorch's SyncBatchNorm
-    on CUDA, SharedBatchNorm2d on CPU), keeping their parameters, buffers and frozen state."""
+    """Replaces the model's BatchNorm1d/2d layers by ones with statistics over all processes (PyTorch's
+    SyncBatchNorm on CUDA, SharedBatchNorm1d/2d on CPU), keeping their parameters, buffers and frozen state."""
     if not processes.distributed:
         return model
     if processes.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            shared = SharedBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats)
+        if type(child) in SHARED_BATCH_NORMS:
+            shared = SHARED_BATCH_NORMS[type(child)](child.num_features, child.eps, child.momentum, child.affine,
+                                                     child.track_running_stats)
             shared.load_state_dict(child.state_dict())
             shared.train(child.training)
             shared.requires_grad_(any(p.requires_grad for p in child.parameters()))

@@ -1,6 +1,6 @@
-"""Evaluation of a trained run: accuracy, confusion and confidence under normal and low-light images, t-SNE of
-the features, a readable report, and accuracy against the number of reverse diffusion steps (the paper's
-Fig. 5-8).
+"""Evaluation of a trained run: accuracy, confusion and confidence under normal and low-light images, how the
+predictions spread over the classes and (LLDif) how close the inference prior is to the teacher's, t-SNE of the
+features, a readable report, and accuracy against the number of reverse diffusion steps (the paper's Fig. 5-8).
 
     RUN_DIR/evaluation/metrics.json              every number, with the data, preset, checkpoint and model kind
     RUN_DIR/evaluation/report.md                 tables and the figures below, for reading
@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .argtypes import positive_int
 from .data.images import write_atomic
 from .data.labels import EXPRESSIONS
+from .data.landmarks import detector_for
 from .data.loader import FaceBatch, FaceDataModule, FaceSource, open_dataset
 from .data.lowlight import LOWLIGHT_CHOICES, LowLight
 from .run import Run, choose_device, write_json
@@ -65,45 +68,68 @@ def _test_source(record: dict[str, Any], settings: dict[str, Any], data: str | N
     return source
 
 
-def _batches(source: FaceSource, darken: LowLight | None, image_size: int, batch_size: int) -> Iterable[FaceBatch]:
+def _batches(run: Run, model: nn.Module, source: FaceSource, darken: LowLight | None, batch_size: int
+             ) -> Iterable[FaceBatch]:
+    """Test batches of `source` as the run's model reads them: darkened by `darken`, with the landmarks the run
+    trained with (found by its detector in these images, when it used one)."""
+    settings = run.settings
     # The source serves as both splits; only its test batches (no augmentation, dataset order) are used.
-    module = FaceDataModule(source, source, image_size=image_size, batch_size=batch_size, lowlight=darken,
-                            check_images=False, progress=False)
+    module = FaceDataModule(source, source, image_size=model.config.image_size, batch_size=batch_size,
+                            lowlight=darken, check_images=False, progress=False,
+                            detect_landmarks=detector_for(settings.get("landmarks", "dataset"), model.landmark_points),
+                            landmark_cache=settings.get("landmark_cache") or run.path / "landmarks")
     return module.test_dataloader()
 
 
 @torch.no_grad()
 def _infer(model: nn.Module, batches: Iterable[FaceBatch], device: torch.device, seed: int,
-           steps: Sequence[int | None] = (None,), features: bool = False, desc: str = "",
-           progress: bool = False) -> tuple[torch.Tensor, dict[int | None, torch.Tensor], torch.Tensor | None]:
+           steps: Sequence[int | None] = (None,), features: bool = False, desc: str = "", progress: bool = False
+           ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Labels (N,), softmax probabilities (N, K) for each step count, and with `features` the fused features
-    (N, D) of the first step count. Each step count samples with its own generator seeded with `seed`, so its
-    results equal a pass with that step count alone."""
+    (N, D) of the first step count and, for LLDif, the cosine (N,) of the inference prior Z-hat it used to the
+    frozen teacher's Z of the image and its true label. Each step count samples with its own generator seeded
+    with `seed`, so its results equal a pass with that step count alone."""
     diffusion = _is_diffusion_model(model)
     generators = {k: torch.Generator(device).manual_seed(seed) for k in steps}
-    labels, probabilities, vectors = [], {k: [] for k in steps}, []
+    labels, probabilities, vectors, cosines = [], {k: [] for k in steps}, [], []
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
         images, landmarks = batch.image.to(device), batch.landmarks.to(device)
         labels.append(batch.label)
         for index, k in enumerate(steps):
-            options = {"generator": generators[k], "steps": k} if diffusion else {}
-            if features and index == 0:
-                fused = model(images, landmarks, features=True, **options)
-                vectors.append(fused.float().cpu())
-                logits = model.classify(fused)
+            first = features and index == 0
+            if diffusion:
+                # The inference path (`LLDif.forward`) with its prior Z-hat kept: the same generator draws.
+                prior = model.inference_prior(images, generator=generators[k], steps=k)
+                outputs = model.prior_logits(images, landmarks, prior, features=first)
+                if first:
+                    teacher = model.teacher_prior(images, batch.label.to(device))
+                    cosines.append(F.cosine_similarity(prior.float(), teacher.float(), dim=-1).cpu())
             else:
-                logits = model(images, landmarks, **options)
-            probabilities[k].append(logits.float().softmax(dim=-1).cpu())
+                outputs = model(images, landmarks, features=first)
+            if first:
+                vectors.append(outputs.float().cpu())
+                outputs = model.classify(outputs)
+            probabilities[k].append(outputs.float().softmax(dim=-1).cpu())
     return (torch.cat(labels), {k: torch.cat(p) for k, p in probabilities.items()},
-            torch.cat(vectors) if features else None)
+            torch.cat(vectors) if features else None, torch.cat(cosines) if cosines else None)
 
 
 def _mean_or_none(values: torch.Tensor) -> float | None:
     return values.mean().item() if values.numel() else None
 
 
+def prediction_spread(counts: torch.Tensor) -> tuple[float, float]:
+    """How the predictions spread over the classes, from the (K,) number of predictions of each class: the largest
+    share one class takes, and the entropy of the predicted classes over log K (0: one class for every image, 1:
+    every class equally often)."""
+    shares = counts.double() / max(float(counts.sum()), 1.0)
+    entropy = -(shares * shares.clamp(min=1e-12).log()).sum() / math.log(len(shares))
+    return float(shares.max()), abs(float(entropy))
+
+
 def condition_metrics(labels: torch.Tensor, probabilities: torch.Tensor) -> dict[str, Any]:
-    """Accuracy, confusion counts (rows = true class) and mean confidences of (N,) labels and (N, K) probabilities."""
+    """Accuracy, confusion counts (rows = true class), mean confidences and the spread of the predictions
+    (`prediction_spread`) of (N,) labels and (N, K) probabilities."""
     num_classes = len(EXPRESSIONS)
     if labels.dim() != 1 or tuple(probabilities.shape) != (labels.shape[0], num_classes):
         raise ValueError(f"probabilities must be (N, {num_classes}) for N = {labels.shape[0]} labels, "
@@ -113,6 +139,8 @@ def condition_metrics(labels: torch.Tensor, probabilities: torch.Tensor) -> dict
     correct = (predictions == labels).float()
     confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
     per_class = {name: labels == index for index, name in enumerate(EXPRESSIONS)}
+    predicted = torch.bincount(predictions, minlength=num_classes)
+    top_class_share, prediction_entropy = prediction_spread(predicted)
     return {
         "images": labels.numel(),
         "accuracy": correct.mean().item(),
@@ -124,6 +152,9 @@ def condition_metrics(labels: torch.Tensor, probabilities: torch.Tensor) -> dict
         "per_class_confidence": {name: _mean_or_none(confidence[mask]) for name, mask in per_class.items()},
         "per_class_true_class_confidence": {name: _mean_or_none(true_confidence[mask])
                                             for name, mask in per_class.items()},
+        "predicted_per_class": dict(zip(EXPRESSIONS, predicted.tolist(), strict=True)),
+        "top_class_share": top_class_share,
+        "prediction_entropy": prediction_entropy,
     }
 
 
@@ -148,13 +179,13 @@ def _prepare(run: Run, lowlight: str | None, checkpoint: str, device: str | None
     return settings, model, device, record, conditions, batch_size
 
 
-def _write_figure(figure: Any, path: Path) -> None:
+def write_figure(figure: Any, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     write_atomic(path, lambda file: file.write(buffer.getvalue()))
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     # A bare Figure renders with Agg and leaves pyplot's global state (and any display backend) alone; matplotlib
     # is imported here so that `lldif --help` does not pay for it.
     from matplotlib.figure import Figure
@@ -166,7 +197,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], title: str, path: Path) -
     """Writes a confusion matrix as a PNG: colours normalised per true class (row), counts annotated."""
     counts = np.asarray(confusion, dtype=np.int64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    figure = _figure(6.5, 5.5)
+    figure = new_figure(6.5, 5.5)
     axes = figure.add_subplot()
     shown = axes.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(shown, ax=axes, label="fraction of the true class")
@@ -179,13 +210,13 @@ def plot_confusion(confusion: Sequence[Sequence[int]], title: str, path: Path) -
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)
-    _write_figure(figure, path)
+    write_figure(figure, path)
 
 
 def plot_confidence(conditions: dict[str, dict[str, Any]], path: Path) -> None:
     """Writes per-class bars of the mean true-class confidence, one bar per condition, plus the overall mean."""
     groups = [*EXPRESSIONS, "overall"]
-    figure = _figure(9.0, 4.0)
+    figure = new_figure(9.0, 4.0)
     axes = figure.add_subplot()
     width = 0.8 / len(conditions)
     for offset, (name, metrics) in enumerate(conditions.items()):
@@ -197,7 +228,7 @@ def plot_confidence(conditions: dict[str, dict[str, Any]], path: Path) -> None:
     axes.set_ylim(0.0, 1.0)
     axes.set_ylabel("mean probability of the true class")
     axes.legend()
-    _write_figure(figure, path)
+    write_figure(figure, path)
 
 
 def plot_tsne(features: dict[str, torch.Tensor], labels: torch.Tensor, path: Path, seed: int = 0) -> None:
@@ -209,7 +240,7 @@ def plot_tsne(features: dict[str, torch.Tensor], labels: torch.Tensor, path: Pat
     if count > TSNE_POINTS:
         chosen = np.sort(np.random.default_rng(seed).choice(count, TSNE_POINTS, replace=False))
     shown_labels = labels.numpy()[chosen]
-    figure = _figure(5.0 * len(features), 5.0)
+    figure = new_figure(5.0 * len(features), 5.0)
     for panel, (name, vectors) in enumerate(features.items(), start=1):
         axes = figure.add_subplot(1, len(features), panel)
         axes.set_title(name)
@@ -227,7 +258,7 @@ def plot_tsne(features: dict[str, torch.Tensor], labels: torch.Tensor, path: Pat
     handles, names = figure.axes[0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, names, loc="lower center", ncol=len(EXPRESSIONS), markerscale=2)
-    _write_figure(figure, path)
+    write_figure(figure, path)
 
 
 def _percent(value: float | None) -> str:
@@ -263,6 +294,11 @@ def _report(metrics: dict[str, Any], figures: dict[str, str]) -> str:
         ("class", *(f"{name} accuracy" for name in conditions), "images"),
         [(expression, *(_percent(values["per_class_accuracy"][expression]) for values in conditions.values()),
           next(iter(conditions.values()))["per_class_images"][expression]) for expression in EXPRESSIONS])
+    predictions = markdown_table(
+        ("condition", *EXPRESSIONS, "top-class share", "entropy"),
+        [(name, *values["predicted_per_class"].values(), values["top_class_share"], values["prediction_entropy"])
+         for name, values in conditions.items()])
+    cosines = {name: values["prior_cosine"] for name, values in conditions.items() if "prior_cosine" in values}
     darkening = "; images used as given" if metrics["lowlight"] == "none" else \
         f"; low-light images darkened on the fly with preset `{metrics['lowlight']}`, seed {metrics['seed']}"
     parts = [
@@ -276,6 +312,12 @@ def _report(metrics: dict[str, Any], figures: dict[str, str]) -> str:
         metrics_table(metrics),
         "## Per-class accuracy\n",
         per_class,
+        "## Predictions\n",
+        "How often each class is predicted; top-class share is the largest share of the predictions one class takes, "
+        "entropy that of the predicted classes over log K (0: one class for every image, 1: all equally often).\n",
+        predictions,
+        *(["Mean cosine of the inference prior Z-hat to the frozen teacher's Z (true label): "
+           + ", ".join(f"{name} {value:.4f}" for name, value in cosines.items()) + ".\n"] if cosines else []),
         "## Figures\n",
         *(f"![{caption}]({name})\n" for name, caption in figures.items()),
     ]
@@ -289,12 +331,14 @@ def evaluate_run(run: Run, data: str | None = None, lowlight: str | None = None,
     settings, model, device, metrics, conditions, batch_size = _prepare(run, lowlight, checkpoint, device, batch_size)
     source = _test_source(metrics, settings, data, progress)
     out = Path(out_dir) if out_dir is not None else run.evaluation_dir
-    size = model.config.image_size
     metrics["conditions"], features = {}, {}
     for name, darken in conditions.items():
-        labels, probabilities, features[name] = _infer(model, _batches(source, darken, size, batch_size), device,
-                                                       metrics["seed"], features=True, desc=name, progress=progress)
+        labels, probabilities, features[name], cosines = _infer(
+            model, _batches(run, model, source, darken, batch_size), device, metrics["seed"], features=True, desc=name,
+            progress=progress)
         metrics["conditions"][name] = condition_metrics(labels, probabilities[None])
+        if cosines is not None:
+            metrics["conditions"][name]["prior_cosine"] = cosines.mean().item()
     metrics["classes"] = list(EXPRESSIONS)
     write_json(out / METRICS_FILE, metrics)
 
@@ -322,7 +366,7 @@ def _check_steps(steps: Sequence[int] | None, total: int) -> list[int]:
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     """Writes accuracy against the number of reverse diffusion steps, one line per condition."""
-    figure = _figure(6.0, 4.0)
+    figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot()
     for name, accuracies in sweep["accuracy"].items():
         axes.plot(sweep["steps"], [100 * a for a in accuracies], marker="o", label=name)
@@ -331,7 +375,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     axes.set_ylabel("accuracy (%)")
     axes.set_title(Path(sweep["run"]).name)
     axes.legend()
-    _write_figure(figure, path)
+    write_figure(figure, path)
 
 
 def sweep_steps(run: Run, data: str | None = None, lowlight: str | None = None, steps: Sequence[int] | None = None,
@@ -350,8 +394,9 @@ def sweep_steps(run: Run, data: str | None = None, lowlight: str | None = None, 
     source = _test_source(sweep, settings, data, progress)
     sweep["accuracy"] = {}
     for name, darken in conditions.items():
-        labels, probabilities, _ = _infer(model, _batches(source, darken, model.config.image_size, batch_size),
-                                          device, sweep["seed"], steps=sweep["steps"], desc=name, progress=progress)
+        labels, probabilities, _, _ = _infer(model, _batches(run, model, source, darken, batch_size),
+                                             device, sweep["seed"], steps=sweep["steps"], desc=name,
+                                             progress=progress)
         sweep["accuracy"][name] = [condition_metrics(labels, p)["accuracy"] for p in probabilities.values()]
     out = Path(out_dir) if out_dir is not None else run.evaluation_dir
     write_json(out / SWEEP_FILE, sweep)

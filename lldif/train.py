@@ -33,9 +33,11 @@ from tqdm import tqdm
 from . import distributed
 from .argtypes import non_negative_int, positive_int
 from .data.images import write_atomic
+from .data.landmarks import DETECTOR_KINDS, detector_for
 from .data.loader import FaceBatch, FaceDataModule, open_dataset
 from .data.lowlight import LOWLIGHT_CHOICES, LowLight
 from .data.text import label_prompts, text_embedder
+from .evaluate import prediction_spread
 from .models.baseline import BaselineCNN, BaselineConfig, baseline_tiny
 from .models.config import LLDifConfig, apply_overrides, lldif_base, lldif_tiny
 from .models.lldif import LLDif
@@ -44,6 +46,7 @@ from .run import Run, RunError
 STAGES = ("la-clip", "1", "2")
 MODELS = ("lldif", "baseline")
 OPTIMIZERS = ("adam", "sgd")
+LANDMARK_SOURCES = ("dataset", *DETECTOR_KINDS)
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
 
 
@@ -57,6 +60,9 @@ class TrainSettings:
     config: str = "base"             # base | tiny | a JSON file (LLDifConfig.to_json, or a baseline config)
     test_data: str | None = None     # default: the test split of `data`
     lowlight: str = "paper"          # on-the-fly darkening of every image (train and test); none: data as given
+    landmarks: str = "dataset"       # the data's own (landmarks.npz; synthetic: the exact points), or found by a
+                                     # detector (mtcnn, dlib68) in each image as the model sees it
+    landmark_cache: str | None = None  # folder of the detected landmarks (default RUN_DIR/landmarks)
     init: str | None = None          # run folder to start from: stage 1 <- LA-CLIP run, stage 2 <- stage-1 run
     epochs: int = 200
     batch_size: int = 64
@@ -74,7 +80,8 @@ class TrainSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields to change, e.g. {"prior.steps": 8}
 
     def __post_init__(self) -> None:
-        choices = (("stage", STAGES), ("model", MODELS), ("lowlight", LOWLIGHT_CHOICES), ("optimizer", OPTIMIZERS))
+        choices = (("stage", STAGES), ("model", MODELS), ("lowlight", LOWLIGHT_CHOICES), ("optimizer", OPTIMIZERS),
+                   ("landmarks", LANDMARK_SOURCES))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -128,21 +135,44 @@ def model_config(settings: TrainSettings) -> LLDifConfig | BaselineConfig:
     return kind.from_dict(apply_overrides(config.to_dict(), settings.overrides)) if settings.overrides else config
 
 
+def _inherited(key: str, task: str) -> bool:
+    """Whether a weight of the init run is kept by a run of `task` (stage 1 keeps LA-CLIP and the label prompts
+    and starts the rest afresh; stage 2 starts PNET_S2 and the denoiser afresh)."""
+    if task == "1":
+        return key.startswith(("la_clip.", "label_prompt_embeddings"))
+    if task == "2":
+        return not key.startswith(("diffusion.", "pnet_s2."))
+    return True
+
+
+# Config fields of the parts a stage-2 run inherits and keeps training or freezes: overriding them would change
+# what the inherited weights mean (the same weights, read another way).
+STAGE2_INHERITED_FIELDS = ("dtnet.", "dlnet.", "fusion.", "la_clip.", "prior.dim", "prior.pnet_s1",
+                           "prior.normalize", "prior.label_embedding", "image_size", "internal_size", "num_classes",
+                           "in_channels")
+
+
 def _from_init(settings: TrainSettings) -> nn.Module:
-    """The best model of the `init` run, rebuilt with `overrides` when there are any; weights the changed config
-    no longer has, or now lacks, may only belong to the parts stage 2 trains from scratch (PNET_S2, denoiser)."""
+    """The best model of the `init` run, rebuilt with `overrides` when there are any; the overrides may change
+    only weights the run starts afresh (`_inherited`), and in stage 2 no field of the inherited parts."""
     start = Run(settings.init).load_model("best")
     if not settings.overrides:
         return start
+    if settings.task == "2":
+        kept = [key for key in settings.overrides if key.startswith(STAGE2_INHERITED_FIELDS)]
+        if kept:
+            raise ValueError(f"overrides change parts stage 2 inherits from its init run: {', '.join(kept)}")
     config = type(start.config).from_dict(apply_overrides(start.config.to_dict(), settings.overrides))
     model = type(start)(config)
-    try:
-        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-    except RuntimeError as error:
-        raise ValueError(f"overrides change the shape of weights of the init run: {error}") from error
-    stray = [key for key in (*missing, *unexpected) if not key.startswith(("diffusion.", "pnet_s2."))]
+    kept = {key: value for key, value in start.state_dict().items() if _inherited(key, settings.task)}
+    wanted = {key for key in model.state_dict() if _inherited(key, settings.task)}
+    stray = sorted(wanted.symmetric_difference(kept))
     if stray:
         raise ValueError(f"overrides change weights of the init run that are not retrained: {', '.join(stray[:5])}")
+    try:
+        model.load_state_dict(kept, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"overrides change the shape of weights of the init run: {error}") from error
     return model
 
 
@@ -195,21 +225,51 @@ class TrainingObjective(nn.Module):
         if self.task == "la-clip":
             loss = self.model.la_clip_loss(batch)
             return loss, {}
-        losses = self.model.stage1_loss(batch) if self.task == "1" else self.model.stage2_loss(batch)
-        parts = {"classification": losses.classification.detach(), "prior": losses.prior.detach()}
-        return (losses.prior if prior_only else losses.total), parts
+        if self.task == "1":
+            losses = self.model.stage1_loss(batch)
+        else:
+            losses = self.model.stage2_loss(batch, prior_only=prior_only)
+        parts = {"prior": losses.prior.detach()}
+        if losses.classification is not None:
+            parts["classification"] = losses.classification.detach()
+        return losses.total, parts
 
 
-def validation_logits(model: nn.Module, task: str, batch: FaceBatch, generator: torch.Generator) -> torch.Tensor:
-    """Logits a run is judged by after each epoch: LA-CLIP's label head, stage 1's teacher-guided LLformer, else
-    the inference path."""
+def validation_outputs(model: nn.Module, task: str, batch: FaceBatch, generator: torch.Generator,
+                       mean_prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What a run is judged by after each epoch: "logits" -- LA-CLIP's label head, stage 1's teacher-guided
+    LLformer, else the inference path -- and the diagnostics' inputs: stage 1's logits under `mean_prior`, the
+    mean teacher prior ("mean_prior_logits", the label-shortcut detector), stage 2's cosine of each inference
+    prior to its teacher prior ("prior_cosine")."""
     if task == "la-clip":
-        return model.la_clip_logits(batch.image)
-    if task == "1":
-        return model.teacher_logits(batch.image, batch.label, batch.landmarks)
+        return {"logits": model.la_clip_logits(batch.image)}
     if task == "baseline":
-        return model(batch.image)
-    return model(batch.image, batch.landmarks, generator=generator)
+        return {"logits": model(batch.image)}
+    if task == "1":
+        outputs = {"logits": model.teacher_logits(batch.image, batch.label, batch.landmarks)}
+        if mean_prior is not None:
+            prior = mean_prior.expand(batch.label.shape[0], -1)
+            outputs["mean_prior_logits"] = model.prior_logits(batch.image, batch.landmarks, prior)
+        return outputs
+    prior = model.inference_prior(batch.image, generator=generator)
+    return {"logits": model.prior_logits(batch.image, batch.landmarks, prior),
+            "prior_cosine": F.cosine_similarity(prior.float(), model.teacher_prior(batch.image, batch.label).float(),
+                                                dim=-1)}
+
+
+def validation_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The metrics of a validation from its sums over the test set (see `Trainer.validate`): accuracy and
+    cross-entropy, the largest share of the predictions one class takes and the entropy of the predicted classes
+    (0: one class for every image, 1: every class equally often), and the diagnostics the task has."""
+    count = max(float(sums["count"]), 1.0)
+    top_class_share, entropy = prediction_spread(sums["predicted"])
+    metrics = {"test_accuracy": float(sums["correct"]) / count, "test_loss": float(sums["loss"]) / count,
+               "test_top_class_share": top_class_share, "test_prediction_entropy": entropy}
+    if "mean_prior_correct" in sums:
+        metrics["test_accuracy_mean_prior"] = float(sums["mean_prior_correct"]) / count
+    if "prior_cosine" in sums:
+        metrics["test_prior_cosine"] = float(sums["prior_cosine"]) / count
+    return metrics
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -299,6 +359,10 @@ class Trainer:
         self.model = build_model(settings, embedder).to(self.device)
         distributed.share_batch_norms(self.model, self.processes)
         self.model.train()
+        if settings.task == "1" and self.model.config.prior.normalize == "batch" \
+                and settings.batch_size // self.processes.world_size < 2:
+            raise ValueError(f"batch_size {settings.batch_size} leaves fewer than 2 faces per process, which stage 1's "
+                             "batch-standardised prior (prior.normalize=batch) needs")
         self.data = self._data_module(embedder() if settings.task == "la-clip" else None)
         if self.data.train_batches() == 0:
             raise ValueError(f"batch_size {settings.batch_size} is larger than the training set "
@@ -337,7 +401,9 @@ class Trainer:
                               batch_size=settings.batch_size, workers=settings.workers, seed=settings.seed,
                               lowlight=lowlight, text_embedder=embed,
                               run_dir=self.run.path if self.processes.main else None,
-                              progress=self.show_progress and self.processes.main)
+                              progress=self.show_progress and self.processes.main,
+                              detect_landmarks=detector_for(settings.landmarks, self.model.landmark_points),
+                              landmark_cache=settings.landmark_cache or self.run.path / "landmarks")
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -452,23 +518,54 @@ class Trainer:
         return result
 
     @torch.no_grad()
+    def _mean_teacher_prior(self) -> torch.Tensor:
+        """The mean of stage 1's teacher prior over the test set (all processes' shares)."""
+        total, count = None, 0
+        for batch in self.data.test_dataloader(rank=self.processes.rank, world_size=self.processes.world_size):
+            batch = self._to_device(batch)
+            with self._autocast():
+                priors = self.model.teacher_prior(batch.image, batch.label).double()
+            total = priors.sum(0) if total is None else total + priors.sum(0)
+            count += priors.shape[0]
+        sums = distributed.sum_across(torch.cat([total.cpu(), torch.tensor([float(count)], dtype=torch.float64)]),
+                                      self.processes)
+        return (sums[:-1] / sums[-1]).float().to(self.device)
+
+    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Test accuracy and cross-entropy of the run's validation logits, summed over all processes."""
+        """Test accuracy, cross-entropy and the task's diagnostics (`validation_metrics`), over all processes."""
         was_training = self.model.training
         self.model.eval()
+        task = self.settings.task
         generator = torch.Generator(self.device).manual_seed(self.settings.seed)
-        sums = torch.zeros(3, dtype=torch.float64)
+        mean_prior = self._mean_teacher_prior() if task == "1" else None
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor | float) -> None:
+            value = torch.as_tensor(value, dtype=torch.float64).cpu()
+            sums[name] = sums[name] + value if name in sums else value
+
         loader = self.data.test_dataloader(rank=self.processes.rank, world_size=self.processes.world_size)
         for batch in loader:
             batch = self._to_device(batch)
             with self._autocast():
-                logits = validation_logits(self.model, self.settings.task, batch, generator).float()
-            sums += torch.tensor([float((logits.argmax(-1) == batch.label).sum()),
-                                  float(F.cross_entropy(logits, batch.label, reduction="sum")), len(batch.label)],
-                                 dtype=torch.float64)
+                outputs = validation_outputs(self.model, task, batch, generator, mean_prior)
+            logits = outputs["logits"].float()
+            predicted = logits.argmax(-1)
+            add("correct", float((predicted == batch.label).sum()))
+            add("loss", float(F.cross_entropy(logits, batch.label, reduction="sum")))
+            add("count", float(len(batch.label)))
+            add("predicted", torch.bincount(predicted, minlength=logits.shape[-1]))
+            if "mean_prior_logits" in outputs:
+                add("mean_prior_correct", float((outputs["mean_prior_logits"].argmax(-1) == batch.label).sum()))
+            if "prior_cosine" in outputs:
+                add("prior_cosine", float(outputs["prior_cosine"].sum()))
         self.model.train(was_training)
-        correct, loss, count = distributed.sum_across(sums, self.processes).tolist()
-        return {"test_accuracy": correct / max(count, 1), "test_loss": loss / max(count, 1)}
+        names = sorted(sums)
+        sizes = [sums[name].numel() for name in names]
+        reduced = distributed.sum_across(torch.cat([sums[name].reshape(-1) for name in names]), self.processes)
+        return validation_metrics({name: part.reshape(sums[name].shape)
+                                   for name, part in zip(names, reduced.split(sizes), strict=True)})
 
     def fit(self) -> Progress:
         """Trains the remaining epochs, writing metrics and checkpoints after each; returns the final progress."""
@@ -602,6 +699,11 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lowlight", choices=LOWLIGHT_CHOICES, default=defaults.lowlight,
                         help="darken every image on the fly with this preset (default paper); none: use the images "
                              "as they are (e.g. a folder made with `lldif make-lowlight`)")
+    parser.add_argument("--landmarks", choices=LANDMARK_SOURCES, default=defaults.landmarks,
+                        help="dataset (default): the data's own landmarks (landmarks.npz; synthetic faces: their exact "
+                             "points); mtcnn, dlib68: found by that detector in each image as the model sees it "
+                             "(darkened), cached")
+    parser.add_argument("--landmark-cache", help="folder for the detected landmarks (default RUN_DIR/landmarks)")
     parser.add_argument("--init", help="run folder to initialise from (stage 1: the LA-CLIP run; stage 2: the "
                                        "stage-1 run)")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)

@@ -16,9 +16,19 @@ from torch import nn
 from lldif import LLDif, lldif_tiny
 from lldif.cli import main
 from lldif.data.labels import EXPRESSIONS
-from lldif.evaluate import condition_metrics, evaluate_run, markdown_table, sweep_steps
+from lldif.data.loader import open_dataset
+from lldif.evaluate import (
+    _batches,
+    _infer,
+    condition_metrics,
+    evaluate_run,
+    markdown_table,
+    prediction_spread,
+    sweep_steps,
+)
 from lldif.models.baseline import BaselineCNN, baseline_tiny
 from lldif.run import Run
+from lldif.train import validation_outputs
 
 DATA = "synthetic:14"
 HAPPINESS = EXPRESSIONS.index("happiness")
@@ -75,12 +85,26 @@ def test_condition_metrics_of_known_probabilities():
     assert metrics["per_class_accuracy"]["fear"] is None  # no images of the class
     assert metrics["per_class_images"]["happiness"] == 2
     assert metrics["per_class_true_class_confidence"]["happiness"] == pytest.approx(0.375)
+    # Classes 0 and 3 are predicted twice each.
+    assert metrics["predicted_per_class"] == {name: 2 * (name in ("surprise", "happiness")) for name in EXPRESSIONS}
+    assert metrics["top_class_share"] == pytest.approx(0.5)
+    assert metrics["prediction_entropy"] == pytest.approx(math.log(2) / math.log(7))
+
+
+def test_prediction_spread_from_one_class_to_all_equally():
+    balanced = condition_metrics(torch.arange(7), torch.eye(7))
+    assert balanced["predicted_per_class"] == dict.fromkeys(EXPRESSIONS, 1)
+    assert balanced["top_class_share"] == pytest.approx(1 / 7) and balanced["prediction_entropy"] == pytest.approx(1.0)
+    assert prediction_spread(torch.tensor([0, 0, 9, 0, 0, 0, 0])) == (1.0, 0.0)
+    assert prediction_spread(torch.tensor([3, 1, 0, 0, 0, 0, 0]))[0] == pytest.approx(0.75)
+    assert prediction_spread(torch.zeros(7, dtype=torch.int64)) == (0.0, 0.0)  # no images: no spread, no NaN
 
 
 class AlwaysHappy(nn.Module):
     """A model whose softmax is 0.4 for happiness and 0.1 for every other class, whatever the image."""
 
     config = SimpleNamespace(image_size=64)
+    landmark_points = None
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None, *,
                 features: bool = False) -> torch.Tensor:
@@ -103,6 +127,15 @@ def test_evaluate_counts_a_model_with_known_outputs(baseline_run, tmp_path, monk
         assert values["true_class_confidence"] == pytest.approx((2 * 0.4 + 12 * 0.1) / 14)
         assert values["per_class_true_class_confidence"]["happiness"] == pytest.approx(0.4)
         assert values["per_class_accuracy"] == {name: float(name == "happiness") for name in EXPRESSIONS}
+        assert values["predicted_per_class"] == {name: 14 * (name == "happiness") for name in EXPRESSIONS}
+        assert values["top_class_share"] == 1.0 and values["prediction_entropy"] == 0.0
+        assert "prior_cosine" not in values
+    report = (tmp_path / "report.md").read_text()
+    predictions = report[report.index("## Predictions"):report.index("## Figures")]
+    assert f"| condition | {' | '.join(EXPRESSIONS)} | top-class share | entropy |" in predictions
+    for name in ("normal", "low-light"):
+        assert f"| {name} | 0 | 0 | 0 | 14 | 0 | 0 | 0 | 1.0000 | 0.0000 |" in predictions
+    assert "cosine" not in report
 
 
 def test_evaluate_lldif_writes_report_and_figures(lldif_run, lldif_metrics):
@@ -121,6 +154,32 @@ def test_evaluate_lldif_writes_report_and_figures(lldif_run, lldif_metrics):
     for link in links:
         assert (out / link).read_bytes().startswith(b"\x89PNG")
     assert "| normal | 14 |" in report and "| low-light | 14 |" in report
+    predictions = report[report.index("## Predictions"):report.index("## Figures")]
+    for name, values in lldif_metrics["conditions"].items():
+        assert sum(values["predicted_per_class"].values()) == 14
+        assert max(values["predicted_per_class"].values()) / 14 == pytest.approx(values["top_class_share"])
+        assert 0.0 <= values["prediction_entropy"] <= 1.0 and -1.0 <= values["prior_cosine"] <= 1.0
+        row = (f"| {name} | {' | '.join(map(str, values['predicted_per_class'].values()))} | "
+               f"{values['top_class_share']:.4f} | {values['prediction_entropy']:.4f} |")
+        assert row in predictions
+        assert f"{name} {values['prior_cosine']:.4f}" in predictions.split("cosine of the inference prior")[1]
+
+
+def test_evaluate_keeps_the_inference_path_and_measures_the_prior_as_training_does(lldif_run, lldif_metrics):
+    model = lldif_run.load_model()
+    seed, generator = 3, torch.Generator().manual_seed(3)
+    batches = list(_batches(lldif_run, model, open_dataset(DATA, "test"), None, 7))
+    _, probabilities, features, cosines = _infer(model, batches, torch.device("cpu"), seed, features=True)
+    with torch.no_grad():
+        expected = torch.cat([model(b.image, b.landmarks, generator=generator, features=True) for b in batches])
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+    torch.testing.assert_close(probabilities[None], model.classify(expected).softmax(-1), rtol=0, atol=0)
+    # Stage 2's per-epoch `test_prior_cosine` is the same measure.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        trained = torch.cat([validation_outputs(model, "2", b, generator)["prior_cosine"] for b in batches])
+    torch.testing.assert_close(cosines, trained)
+    assert lldif_metrics["conditions"]["normal"]["prior_cosine"] == pytest.approx(float(cosines.mean()))
 
 
 def test_evaluate_lldif_repeats(lldif_run, lldif_metrics, tmp_path):
@@ -139,7 +198,9 @@ def test_baseline_run_defaults_to_the_paper_preset(baseline_run, tmp_path):
     metrics = evaluate_run(baseline_run, data="synthetic:7", out_dir=tmp_path, progress=False)
     assert metrics["model"] == "baseline" and metrics["lowlight"] == "paper" and metrics["data"] == "synthetic:7"
     assert [values["images"] for values in metrics["conditions"].values()] == [7, 7]
-    assert (tmp_path / "report.md").is_file()
+    assert all("prior_cosine" not in values for values in metrics["conditions"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "## Predictions" in report and "cosine" not in report
 
 
 @pytest.mark.parametrize(("options", "name"), [({"lowlight": "bright"}, "lowlight"), ({"batch_size": 0}, "batch_size"),

@@ -15,10 +15,11 @@ import pytest
 import safetensors.torch
 import torch
 
+from lldif import LLDif
 from lldif.cli import main
 from lldif.models.config import lldif_tiny
 from lldif.run import Run
-from lldif.train import TrainSettings, train
+from lldif.train import TrainingObjective, TrainSettings, build_model, train
 
 TINY = {"config": "tiny", "data": "synthetic:28", "batch_size": 7, "lr": 1e-3, "workers": 0, "warmup_epochs": 0}
 
@@ -103,12 +104,20 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     assert [row["test_accuracy"] for row in metrics(killed)] == [row["test_accuracy"] for row in metrics(whole.path)]
 
 
-@pytest.mark.parametrize("model", ["baseline", "lldif"])
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, model):
-    assert lldif_tiny().dlnet.drop_path == 0  # per-sample DropPath masks would differ between the two layouts
+# Per-sample random masks differ between the two layouts (each process draws its own share from its own seed):
+# DropPath's (0 in the tiny preset) and stage 1's label dropout (switched off here).
+NO_LABEL_DROPOUT = ["--set", "prior.label_dropout=0"]
+
+
+@pytest.mark.parametrize(("model", "extra"), [
+    ("baseline", []),
+    pytest.param("lldif", NO_LABEL_DROPOUT, id="lldif"),
+])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, model, extra):
+    assert lldif_tiny().dlnet.drop_path == 0
     # SGD: Adam's first steps are lr * sign(gradient), which flips on the gradients that are zero up to rounding
     options = {**TINY, "batch_size": 14, "optimizer": "sgd", "lr": 0.05}
-    arguments = ["train", "--model", model, "--stage", "1", "--epochs", "1", "--quiet",
+    arguments = ["train", "--model", model, "--stage", "1", "--epochs", "1", "--quiet", *extra,
                  *(f"--{key.replace('_', '-')}={value}" for key, value in options.items())]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(lldif_command(*arguments, "--out", str(tmp_path / "one")), env=environment,
@@ -153,3 +162,100 @@ def test_help_and_bad_arguments_give_one_line(tmp_path, capsys):
         main(["train", "--out", str(other), "--resume"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "run format 99" in error and len(error.strip().splitlines()) == 1
+
+
+# --- starting from an init run with overrides: what each stage may change ------------------------------------------
+
+
+def saved_run(folder: Path, stage: str, seed: int) -> LLDif:
+    """A run folder of `stage` holding a tiny LLDif (random weights, non-zero label prompts) as its only checkpoint,
+    without training one."""
+    torch.manual_seed(seed)
+    model = LLDif(lldif_tiny())
+    model.set_label_prompts(torch.randn(7, 384))
+    model.freeze_for_stage({"la-clip": 0, "1": 1}[stage])
+    folder.mkdir(parents=True)
+    run = Run(folder)
+    run.create(TrainSettings(stage=stage, **TINY).to_dict(), model.config.to_dict())
+    model.save_pretrained(run.checkpoint("last"))
+    return model
+
+
+def assert_inherited(model: LLDif, init: LLDif, inherited) -> None:
+    """Every weight `inherited(name)` names is the init run's, bitwise."""
+    state, start = model.state_dict(), init.state_dict()
+    names = [name for name in start if inherited(name)]
+    assert names
+    for name in names:
+        assert torch.equal(state[name], start[name]), name
+
+
+@pytest.mark.parametrize("overrides", [{"fusion.embed_dim": 32}, {"prior.pnet_s1": "mlp"},
+                                       {"prior.normalize": "none", "dtnet.bias_free_norm": True}])
+def test_stage1_overrides_may_change_every_weight_but_la_clips(tmp_path, overrides):
+    init = saved_run(tmp_path / "la-clip", "la-clip", seed=1)
+    model = build_model(TrainSettings(stage="1", init=str(tmp_path / "la-clip"), overrides=overrides, **TINY))
+    assert isinstance(model, LLDif) and model.stage == 1
+    for key, value in overrides.items():
+        part, name = key.split(".")
+        assert getattr(getattr(model.config, part), name) == value
+    assert_inherited(model, init, lambda name: name.startswith(("la_clip.", "label_prompt_embeddings")))
+    if "fusion.embed_dim" in overrides:
+        assert model.head.head.weight.shape[1] == 32 * (model.head.pos_embed.shape[1] - 1)
+    if "prior.normalize" in overrides:
+        assert not any(name.startswith("pnet_s1.out_norm.") for name in model.state_dict())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"la_clip.layers": 1}, r"not retrained: la_clip\."),
+    ({"la_clip.width": 32}, "change the shape of weights"),
+])
+def test_stage1_overrides_may_not_change_la_clip(tmp_path, overrides, message):
+    saved_run(tmp_path / "la-clip", "la-clip", seed=1)
+    with pytest.raises(ValueError, match=message):
+        build_model(TrainSettings(stage="1", init=str(tmp_path / "la-clip"), overrides=overrides, **TINY))
+
+
+def test_stage2_overrides_may_change_only_pnet_s2_and_the_denoiser(tmp_path):
+    init = saved_run(tmp_path / "1", "1", seed=2)
+    settings = TrainSettings(stage="2", init=str(tmp_path / "1"), overrides={"prior.pnet_s2_feats": 8,
+                                                                             "prior.denoiser_blocks": 2}, **TINY)
+    model = build_model(settings)
+    assert model.stage == 2 and model.pnet_s2.E[0].out_channels == 8 and len(model.diffusion.denoiser.resmlp) == 5
+    assert_inherited(model, init, lambda name: not name.startswith(("diffusion.", "pnet_s2.")))
+    # Fields of the inherited parts may not change, with their weights (bias_free_norm, embed_dim, normalize) or
+    # without (modulation, readout: the same weights read another way).
+    for key, value in [("dtnet.bias_free_norm", True), ("fusion.embed_dim", 32), ("prior.normalize", "none"),
+                       ("dtnet.modulation", "diffir"), ("fusion.readout", "mean"), ("prior.label_embedding", "raw")]:
+        with pytest.raises(ValueError, match=f"overrides change parts stage 2 inherits from its init run: {key}"):
+            build_model(TrainSettings(stage="2", init=str(tmp_path / "1"), overrides={key: value}, **TINY))
+
+
+def test_a_stage1_run_with_set_trains_from_an_la_clip_run(tmp_path):
+    init = saved_run(tmp_path / "la-clip", "la-clip", seed=1)
+    arguments = ["train", "--out", str(tmp_path / "1"), "--stage", "1", "--init", str(tmp_path / "la-clip"),
+                 "--epochs", "1", "--quiet", "--set", "fusion.embed_dim=32", "--set", "prior.pnet_s1=mlp",
+                 *(f"--{key.replace('_', '-')}={value}" for key, value in TINY.items())]
+    assert main(arguments) in (0, None)
+    assert Run(tmp_path / "1").settings["overrides"] == {"fusion.embed_dim": 32, "prior.pnet_s1": "mlp"}
+    trained = weights(tmp_path / "1" / "checkpoints" / "last")
+    start = init.state_dict()
+    assert all(torch.equal(trained[name], start[name]) for name in start if name.startswith("la_clip."))
+    assert trained["head.pos_embed"].shape[2] == 32 and "pnet_s1.proj.0.weight" in trained
+
+
+def test_the_prior_only_objective_logs_no_classification():
+    torch.manual_seed(0)
+    model = LLDif(lldif_tiny())
+    model.freeze_for_stage(2)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 3, 64, 64, generator=generator), "label": torch.tensor([0, 5]),
+             "landmarks": torch.rand(2, 68, 2, generator=generator) * 64}
+    objective = TrainingObjective(model, "2")
+    torch.manual_seed(1)
+    loss, parts = objective(batch, prior_only=True)
+    assert set(parts) == {"prior"} and torch.equal(loss.detach(), parts["prior"]) and loss.requires_grad
+    torch.manual_seed(1)
+    loss, parts = objective(batch)
+    assert set(parts) == {"prior", "classification"}
+    torch.testing.assert_close(loss.detach(), parts["prior"] + parts["classification"])
