@@ -11,8 +11,8 @@ from lldif.cli import main
 
 def test_demo_writes_a_report_comparing_both_models_and_keeps_finished_runs(tmp_path, capsys):
     arguments = ["demo", "--out", str(tmp_path / "demo"), "--report-dir", str(tmp_path / "report"), "--quiet",
-                 "--train-faces", "14", "--test-faces", "7", "--epochs", "1", "--la-clip-epochs", "1",
-                 "--batch-size", "7"]
+                 "--train-faces", "14", "--test-faces", "7", "--la-clip-epochs", "1", "--stage1-epochs", "1",
+                 "--stage2-epochs", "1", "--batch-size", "7"]
     main(arguments)
     printed = capsys.readouterr().out
     report = (tmp_path / "report" / "report.md").read_text()
@@ -40,5 +40,5 @@ def test_demo_help_and_bad_arguments(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0 and "under 10 minutes" in capsys.readouterr().out.lower()
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--epochs", "0"])
+        main(["demo", "--stage2-epochs", "0"])
     assert exit_info.value.code == 2
