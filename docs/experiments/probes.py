@@ -16,13 +16,15 @@ own landmarks: for synthetic faces the generator's exact points, an oracle no de
 - `baseline`: the baseline CNN in the same loop (section 1, the image read-out table);
 - `pooled`: DTNet's taps or DLNet's outputs, each globally pooled, into one Linear (section 1);
 - `pnet-s2`: PNET_S2 with a Linear classifier on top, trained with cross-entropy (section 3);
-- `landmarks`: ridge classifiers on exact and detected landmarks (section 2).
+- `landmarks`: ridge classifiers on exact and detected landmarks (section 2);
+- `prior`: what the teacher prior carries at the start of stage 1, and stage-1 runs without it (sections 1, 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -34,13 +36,15 @@ from torch import nn
 
 from lldif.argtypes import integer_at_least, non_negative_int, positive_int
 from lldif.data.face_layout import mean_shape
-from lldif.data.landmarks import LandmarkDetector, contrast_stretch
+from lldif.data.labels import EXPRESSIONS
+from lldif.data.landmarks import LandmarkDetector, contrast_stretch, detector_for
 from lldif.data.loader import FaceBatch, FaceDataModule, open_dataset
 from lldif.data.lowlight import LowLight
 from lldif.models.baseline import BaselineCNN, baseline_tiny
 from lldif.models.config import LLDifConfig, apply_overrides, lldif_tiny
 from lldif.models.lldif import LLDif
 from lldif.models.pnet import PNetS2, ResBlock
+from lldif.run import CHECKPOINTS, Run
 from lldif.train import TrainSettings, build_model
 
 TRAIN_DATA, TEST_DATA = "synthetic:700", "synthetic:350"
@@ -63,10 +67,15 @@ def darkening(normal: bool) -> LowLight | None:
     return None if normal else LowLight("paper", seed=0)
 
 
-def face_data(normal: bool, seed: int = 0, batch_size: int = BATCH_SIZE) -> FaceDataModule:
-    """`synthetic:700` for training and `synthetic:350` for testing, at the tiny preset's image size."""
-    return FaceDataModule(open_dataset(TRAIN_DATA, "train"), open_dataset(TEST_DATA, "test"), image_size=IMAGE_SIZE,
-                          batch_size=batch_size, seed=seed, lowlight=darkening(normal), progress=False)
+def face_data(normal: bool, seed: int = 0, batch_size: int = BATCH_SIZE, image_size: int = IMAGE_SIZE,
+              detect_landmarks: str | None = None,
+              landmark_cache: str | os.PathLike | None = None) -> FaceDataModule:
+    """`synthetic:700` for training and `synthetic:350` for testing, at the tiny preset's image size; with
+    `detect_landmarks`, the detector's landmarks read from (or, for faces not there yet, written to)
+    `landmark_cache` instead of the generator's."""
+    return FaceDataModule(open_dataset(TRAIN_DATA, "train"), open_dataset(TEST_DATA, "test"), image_size=image_size,
+                          batch_size=batch_size, seed=seed, lowlight=darkening(normal), progress=False,
+                          detect_landmarks=detect_landmarks, landmark_cache=landmark_cache)
 
 
 def optimizer_step(probe: nn.Module, batch: FaceBatch, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
@@ -170,13 +179,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def stage1_model(la_clip: str, overrides: dict[str, Any]) -> LLDif:
+    """A stage-1 model started from an LA-CLIP run exactly as `lldif train --stage 1 --init RUN --config tiny`
+    starts it: LA-CLIP and the label prompts from the run, the rest as the run left it (fresh), or built anew from
+    torch's generator with `overrides`."""
+    settings = TrainSettings(data=TRAIN_DATA, stage="1", config="tiny", init=la_clip, overrides=overrides)
+    return build_model(settings)
+
+
 def run_llformer(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     overrides = dict(args.overrides)
     if args.prior == "teacher":
-        # The teacher prior needs a trained LA-CLIP; stage 1 starts from its run exactly as `lldif train --stage 1`.
-        settings = TrainSettings(data=TRAIN_DATA, stage="1", config="tiny", init=args.la_clip, overrides=overrides)
-        model = build_model(settings)
+        # The teacher prior needs a trained LA-CLIP.
+        model = stage1_model(args.la_clip, overrides)
     else:
         model = LLDif(LLDifConfig.from_dict(apply_overrides(lldif_tiny().to_dict(), overrides)))
         # Stage 1's trainable parts: PNET_S1 and the LLformer (PNET_S1 gets no gradient without the teacher prior).
@@ -418,6 +434,121 @@ def run_landmarks(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------
+# prior: what the teacher prior carries at the start of stage 1, and what stage-1 runs read without it
+
+# Parameter groups (substrings of parameter names) whose gradient norms the probe prints.
+GRADIENT_GROUPS = ("norm1.kernel", "norm2.kernel", "pnet_s1", "dtnet.patch_embed", "dlnet", "head.head",
+                   "head.blocks", "head.embed_q")
+DECOMPOSITION_FACES = 112
+ACCURACY_BATCH_SIZE = 50
+
+
+def print_cosines(title: str, embeddings: torch.Tensor) -> None:
+    """The range of the pairwise cosines of (K, D) label-prompt embeddings (off the diagonal), then all of them
+    as a K x K table."""
+    unit = F.normalize(embeddings.detach().float(), dim=-1)
+    cosines = unit @ unit.T
+    off_diagonal = cosines[~torch.eye(len(cosines), dtype=torch.bool)]
+    print(f"{title}: pairwise cosines {off_diagonal.min().item():.2f} to {off_diagonal.max().item():.2f}")
+    names = [name[:9] for name in EXPRESSIONS]
+    print(" " * 11 + "".join(f"{name:>10}" for name in names))
+    for name, row in zip(names, cosines.tolist(), strict=True):
+        print(f"  {name:<9}" + "".join(f"{value:10.2f}" for value in row))
+
+
+def gradient_norm(model: nn.Module, group: str) -> float:
+    """The norm of the gradients of all parameters whose name contains `group`."""
+    norms = [parameter.grad.norm() for name, parameter in model.named_parameters()
+             if group in name and parameter.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def class_variances(values: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(between-class, within-class) variance of (N, D) values with each dimension standardised over the N
+    samples, averaged over dimensions: the variance of the class means, and the mean of the variances within a
+    class."""
+    standard = (values - values.mean(0)) / (values.std(0) + 1e-6)
+    classes = [standard[labels == label] for label in labels.unique()]
+    between = torch.stack([members.mean(0) for members in classes]).var(0).mean()
+    within = torch.stack([members.var(0).mean() for members in classes]).mean()
+    return between.item(), within.item()
+
+
+def print_step0(model: LLDif, batch: FaceBatch) -> None:
+    """The teacher prior Z of one training batch and the gradients of the stage-1 loss there, in train mode (as
+    stage 1's first step sees them: Z standardised over the batch, label dropout drawn from torch's generator)."""
+    model.train()
+    prior = model.teacher_prior(batch.image, batch.label)
+    next_class = model.teacher_prior(batch.image, (batch.label + 1) % model.config.num_classes)
+    print(f"  teacher prior Z: std over the batch {prior.std(0).mean().item():.4g} (mean over dimensions), "
+          f"per-sample std {prior.std(1).mean().item():.4g} (mean over samples)")
+    print(f"  every label replaced by the next class: Z moves by {(prior - next_class).pow(2).mean().sqrt().item():.4g}"
+          " (rms)")
+    model.zero_grad()
+    model.stage1_loss(batch).total.backward()
+    print("  gradient norms of the stage-1 loss at step 0:")
+    for group in GRADIENT_GROUPS:
+        print(f"    {group:<18} {gradient_norm(model, group):.3g}")
+
+
+@torch.no_grad()
+def print_class_variances(model: LLDif, batch: FaceBatch) -> None:
+    """Between- and within-class variance of the teacher prior Z and of LA-CLIP's image embedding e_I, in eval
+    mode (a per-dimension BatchNorm of Z in its running statistics changes nothing after the standardisation)."""
+    model.eval()
+    prior = model.teacher_prior(batch.image, batch.label)
+    image_embedding, _ = model.la_clip.encode(model._clip_view(batch.image))
+    for name, values in (("Z", prior), ("e_I", image_embedding)):
+        between, within = class_variances(values, batch.label)
+        print(f"  {name:<4} between-class variance {between:.4g}, within-class {within:.4g}")
+
+
+@torch.no_grad()
+def print_stage1_accuracies(path: str, checkpoint: str) -> None:
+    """A stage-1 run's test accuracy under the null label (the teacher prior with every label dropped) and under a
+    zero prior, with the run's own landmarks: the data's, or its detector's from its landmark cache."""
+    run = Run(path)
+    settings = run.settings
+    model = run.load_model(checkpoint)
+    detector = detector_for(settings["landmarks"], model.landmark_points)
+    cache = settings.get("landmark_cache") or run.path / "landmarks"
+    data = face_data(False, batch_size=ACCURACY_BATCH_SIZE, image_size=model.config.image_size,
+                     detect_landmarks=detector, landmark_cache=cache)
+    null_label = zero_prior = total = 0
+    for batch in data.test_dataloader():
+        dropped = torch.ones_like(batch.label, dtype=torch.bool)
+        null_prior = model.teacher_prior(batch.image, batch.label, dropped)
+        null_label += (model.prior_logits(batch.image, batch.landmarks, null_prior).argmax(-1) == batch.label).sum()
+        zero = torch.zeros_like(null_prior)
+        zero_prior += (model.prior_logits(batch.image, batch.landmarks, zero).argmax(-1) == batch.label).sum()
+        total += len(batch.label)
+    if detector is None:
+        landmarks = "the data's own landmarks"
+    else:
+        landmarks = f"{detector} landmarks from {cache}, found in {data.detected['test'].found} of {total}"
+    print(f"{path} ({checkpoint} checkpoint, {total} darkened test faces, {landmarks}):")
+    print(f"  null-label acc {null_label.item() / total:.3f}, zero-prior acc {zero_prior.item() / total:.3f}")
+
+
+def run_prior(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    model = stage1_model(args.la_clip, dict(args.overrides))
+    with torch.no_grad():
+        print_cosines("label prompts after LA-CLIP's text projection",
+                      model.la_clip.embed_text(model.label_prompt_embeddings))
+    print_cosines("raw label-prompt embeddings (the frozen text encoder's)", model.label_prompt_embeddings)
+    data = face_data(normal=False, seed=args.seed)
+    print(f"\nstage-1 model from {args.la_clip}, one batch of {BATCH_SIZE} darkened training faces:")
+    print_step0(model, next(iter(data.train_dataloader(0))))
+    test = face_data(normal=False, seed=args.seed, batch_size=DECOMPOSITION_FACES)
+    print(f"\n{DECOMPOSITION_FACES} darkened test faces, each dimension standardised over them:")
+    print_class_variances(model, next(iter(test.test_dataloader())))
+    for path in args.stage1:
+        print()
+        print_stage1_accuracies(path, args.checkpoint)
+
+
+# -------------------------------------------------------------------------------------------------------------
 # the command
 
 
@@ -492,6 +623,30 @@ def parser() -> argparse.ArgumentParser:
                            help="also count in how many of the first N training faces MTCNN finds a face, darkened "
                                 "and normal (default 0: skip)")
     landmarks.set_defaults(run=run_landmarks)
+
+    prior = commands.add_parser(
+        "prior", help="what the teacher prior carries at stage 1's start; stage-1 runs without it",
+        description="The pairwise cosines of the 7 label-prompt embeddings after LA-CLIP's text "
+                    "projection and before it; for a stage-1 model built from the LA-CLIP run (as `lldif train "
+                    "--stage 1 --init RUN --config tiny`) on one batch of 16 darkened training faces, in train "
+                    "mode, the spread of the teacher prior Z, how far Z moves when every label is replaced by the "
+                    "next class, and the gradient norms of the stage-1 loss at step 0; on 112 darkened test faces, "
+                    "the between- and within-class variance of Z and of LA-CLIP's image embedding e_I, each "
+                    "dimension standardised. With --stage1: each run's accuracy on the 350 darkened test faces "
+                    "under the null label (the teacher prior with every label dropped) and under a zero prior, "
+                    "with the run's own landmarks (detected ones are read from, or added to, its landmark cache).")
+    prior.add_argument("--la-clip", metavar="RUN", required=True,
+                       help="LA-CLIP run folder (`lldif train --stage la-clip`)")
+    prior.add_argument("--stage1", metavar="RUN", nargs="+", action="extend", default=[],
+                       help="stage-1 run folders whose null-label and zero-prior accuracy to measure")
+    prior.add_argument("--checkpoint", choices=CHECKPOINTS, default="last",
+                       help="the --stage1 runs' checkpoint (default last)")
+    prior.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                       metavar="FIELD=VALUE",
+                       help="change a field of the stage-1 model built from the LA-CLIP run, e.g. --set "
+                            "prior.normalize=none (repeatable; values are JSON, else strings)")
+    prior.add_argument("--seed", type=int, default=0, help="torch's seed and the data order's (default 0)")
+    prior.set_defaults(run=run_prior)
     return main
 
 
