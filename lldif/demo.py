@@ -1,8 +1,10 @@
 """`lldif demo`: the whole method on synthetic expression faces in minutes on a CPU.
 
-LA-CLIP -> stage 1 -> stage 2 of the tiny preset and a ResNet-18-style baseline, all trained with one recipe on the
-same low-light training faces, then evaluated on normal and low-light test faces; a report compares them. Each run
-lives in OUT/runs/<name>: a finished run is kept, an interrupted one resumed, so the demo itself can be resumed.
+LA-CLIP -> stage 1 -> stage 2 of the tiny preset and a ResNet-18-style baseline, trained with one recipe for the same
+number of optimizer steps on the same low-light training faces, then evaluated on normal and low-light test faces; a
+report compares them, per seed. Each run lives in OUT/runs/seed<S>/<name>, the detected landmarks in OUT/landmarks: a
+finished run is kept, an interrupted one resumed, so the demo itself can be resumed (and seeds run apart, into one
+OUT, are reported together by a last run of the command with all of them).
 """
 
 from __future__ import annotations
