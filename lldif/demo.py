@@ -164,17 +164,20 @@ def _spread(values: list[float]) -> str:
 
 def _report(recipe: DemoRecipe, results: dict[tuple[str, int], dict[str, Any]], evaluation_seconds: float,
             out: Path, report_dir: Path) -> str:
-    rows, low = [], {LLDIF: [], BASELINE: []}
+    rows = []
+    accuracies = {name: {NORMAL: [], LOW_LIGHT: []} for name in (LLDIF, BASELINE)}
     for (name, seed), result in results.items():
         conditions = result["metrics"]["conditions"]
         dark = conditions[LOW_LIGHT]
-        low[name].append(dark["accuracy"])
+        for condition, values in accuracies[name].items():
+            values.append(conditions[condition]["accuracy"])
         rows.append((name, seed, *(f"{100 * conditions[c]['accuracy']:.1f}%" for c in (NORMAL, LOW_LIGHT)),
                      f"{dark['true_class_confidence']:.3f}", f"{100 * dark['top_class_share']:.0f}%",
                      f"{result['images_per_s']:.1f}", f"{result['seconds'] / 60:.1f}"))
     if len(recipe.seeds) > 1:
-        rows += [(name, "mean (range)", "", _spread(values), "", "", "", "") for name, values in low.items()]
-    mean = {name: sum(values) / len(values) for name, values in low.items()}
+        rows += [(name, "mean (range)", _spread(values[NORMAL]), _spread(values[LOW_LIGHT]), "", "", "", "")
+                 for name, values in accuracies.items()]
+    mean = {name: sum(values[LOW_LIGHT]) / len(values[LOW_LIGHT]) for name, values in accuracies.items()}
     verdict = ("LLDif-tiny beats" if mean[LLDIF] > mean[BASELINE] else "LLDif-tiny does not beat") + \
         f" the baseline on the low-light test faces ({100 * mean[LLDIF]:.1f}% vs {100 * mean[BASELINE]:.1f}%" + \
         (f", mean of {len(recipe.seeds)} seeds" if len(recipe.seeds) > 1 else "") + "). Chance is 14.3%."

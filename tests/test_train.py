@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from lldif import LLDif
 from lldif.cli import main
 from lldif.models.config import lldif_tiny
 from lldif.run import Run
-from lldif.train import TrainingObjective, TrainSettings, build_model, train
+from lldif.train import Trainer, TrainingObjective, TrainSettings, build_model, train, validation_metrics
 
 TINY = {"config": "tiny", "data": "synthetic:28", "batch_size": 7, "lr": 1e-3, "workers": 0, "warmup_epochs": 0}
 
@@ -35,6 +36,37 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def lldif_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lldif.cli", *args]
+
+
+def test_validation_metrics_from_known_sums():
+    sums = {"correct": torch.tensor(6.0), "loss": torch.tensor(14.0), "count": torch.tensor(14.0),
+            "predicted": torch.tensor([7.0, 7.0, 0, 0, 0, 0, 0]), "mean_prior_correct": torch.tensor(2.0),
+            "prior_cosine": torch.tensor(7.0)}
+    got = validation_metrics(sums)
+    assert got["test_accuracy"] == pytest.approx(6 / 14) and got["test_loss"] == pytest.approx(1.0)
+    assert got["test_top_class_share"] == pytest.approx(0.5)
+    assert got["test_prediction_entropy"] == pytest.approx(math.log(2) / math.log(7))
+    assert got["test_accuracy_mean_prior"] == pytest.approx(2 / 14) and got["test_prior_cosine"] == pytest.approx(0.5)
+    assert "test_prior_cosine" not in validation_metrics({key: sums[key] for key in
+                                                          ("correct", "loss", "count", "predicted")})
+
+
+def test_stage1_validation_reads_the_llformer_under_the_test_sets_mean_teacher_prior(tmp_path):
+    la_clip = train(TrainSettings(stage="la-clip", epochs=1, **TINY), tmp_path / "la-clip", progress=False)
+    settings = TrainSettings(stage="1", init=str(la_clip.path), epochs=1, **TINY)
+    trainer = Trainer(settings, tmp_path / "1", progress=False)
+    got = trainer.validate()
+    model, batches = trainer.model.eval(), list(trainer.data.test_dataloader())
+    with torch.no_grad():
+        priors = [model.teacher_prior(batch.image, batch.label) for batch in batches]
+        mean = torch.cat(priors).mean(0)
+        correct = sum(int((model.prior_logits(batch.image, batch.landmarks, mean.expand(len(batch.label), -1))
+                           .argmax(-1) == batch.label).sum()) for batch in batches)
+        teacher = sum(int((model.prior_logits(batch.image, batch.landmarks, prior).argmax(-1) == batch.label).sum())
+                      for batch, prior in zip(batches, priors, strict=True))
+    count = sum(len(batch.label) for batch in batches)
+    assert got["test_accuracy_mean_prior"] == pytest.approx(correct / count)
+    assert got["test_accuracy"] == pytest.approx(teacher / count)
 
 
 def test_settings_check_their_fields():
@@ -63,6 +95,11 @@ def test_the_three_stages_chain_through_their_run_folders(tmp_path):
         assert (folder / "checkpoints" / "best" / "model.safetensors").is_file()
         assert (folder / "checkpoints" / "last" / "training_state.safetensors").is_file()
     assert "train_prior" in metrics(Path(runs["2"]))[0]
+    # The diagnostics of every run, and each stage's own.
+    for stage, folder in runs.items():
+        row = metrics(Path(folder))[0]
+        assert 1 / 7 <= float(row["test_top_class_share"]) <= 1 and 0 <= float(row["test_prediction_entropy"]) <= 1
+        assert ("test_accuracy_mean_prior" in row) == (stage == "1") and ("test_prior_cosine" in row) == (stage == "2")
     la_clip, stage1, stage2 = (weights(Path(runs[s]) / "checkpoints" / "last") for s in ("la-clip", "1", "2"))
     # each stage starts from the one before and changes only what it trains
     assert torch.equal(la_clip["la_clip.controls.0.weight"], stage1["la_clip.controls.0.weight"])
