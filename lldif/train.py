@@ -658,7 +658,8 @@ def train_or_resume(settings: TrainSettings, out: str | os.PathLike, *, device: 
 # the command
 
 
-def _override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """A `--set FIELD=VALUE` argument: the value as JSON, else as a string."""
     key, equals, value = text.partition("=")
     if not equals or not key:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE like prior.steps=8, got {text!r}")
@@ -721,7 +722,8 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
                         help="also checkpoint every N steps within an epoch (0: at epoch ends only)")
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                        metavar="FIELD=VALUE",
                         help="change a model config field, e.g. --set prior.steps=8 --set loss.prior_loss=l1 "
                              "(repeatable; values are JSON, else strings)")
     parser.add_argument("--backend", choices=("reference", "cpp", "cuda", "triton"), help="fused-op backend")

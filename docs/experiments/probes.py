@@ -23,7 +23,6 @@ own landmarks: for synthetic faces the generator's exact points, an oracle no de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
@@ -45,7 +44,7 @@ from lldif.models.config import LLDifConfig, apply_overrides, lldif_tiny
 from lldif.models.lldif import LLDif
 from lldif.models.pnet import PNetS2, ResBlock
 from lldif.run import CHECKPOINTS, Run
-from lldif.train import TrainSettings, build_model
+from lldif.train import TrainSettings, build_model, parse_override
 
 TRAIN_DATA, TEST_DATA = "synthetic:700", "synthetic:350"
 BATCH_SIZE = 16
@@ -166,17 +165,6 @@ class PriorProbe(nn.Module):
         else:
             prior = batch.image.new_zeros(len(batch.label), self.model.config.prior.dim)
         return self.model.prior_logits(batch.image, batch.landmarks, prior)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """FIELD=VALUE with a JSON value, else a string (as `lldif train --set`)."""
-    key, equals, value = text.partition("=")
-    if not equals or not key:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE like fusion.readout=mean, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def stage1_model(la_clip: str, overrides: dict[str, Any]) -> LLDif:
