@@ -13,6 +13,15 @@ from .reference import relative_position_index
 MODULATIONS = ("diffir", "adaln")
 
 
+def _head_count(heads: int | None, num_heads: int | None) -> int:
+    """`heads`, or the peers' name for it, `num_heads`; exactly one of them (or two equal values)."""
+    if heads is None and num_heads is None:
+        raise TypeError("heads (or num_heads) is required")
+    if heads is not None and num_heads is not None and heads != num_heads:
+        raise ValueError(f"heads={heads} and num_heads={num_heads} disagree; give one of them")
+    return heads if heads is not None else num_heads
+
+
 class ModulatedLayerNorm(nn.Module):
     """LayerNorm over channels, modulated per sample by a prior vector (LLDif Eq. 2).
 
@@ -62,12 +71,15 @@ class TransposedAttention(nn.Module):
 
     1x1 conv to q, k, v, a 3x3 depth-wise conv, attention across the ``dim / heads`` channels of each head,
     and a 1x1 output projection. Parameter names and shapes are those of Restormer's ``Attention``
-    (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``), so its state dicts load unchanged.
+    (``temperature``, ``qkv``, ``qkv_dwconv``, ``project_out``), so its state dicts load unchanged, and its
+    constructor's ``(dim, num_heads, bias)`` works here as written, positionally or with ``num_heads=``.
     ``forward(x)`` maps ``(B, dim, H, W)`` to ``(B, dim, H, W)``.
     """
 
-    def __init__(self, dim: int, heads: int, bias: bool = False, backend: str | None = None) -> None:
+    def __init__(self, dim: int, heads: int | None = None, bias: bool = False, backend: str | None = None, *,
+                 num_heads: int | None = None) -> None:
         super().__init__()
+        heads = _head_count(heads, num_heads)
         if dim < 1 or heads < 1 or dim % heads:
             raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
         self.heads, self.backend = heads, backend
@@ -94,16 +106,25 @@ class WindowCrossAttention(nn.Module):
     ``proj``, ``relative_position_bias_table``, ``relative_position_index``), so its state dicts load
     unchanged.
 
+    Everything after ``dim`` is keyword-only: POSTER++'s positional order ``(dim, num_heads, window_size)`` is
+    not ours, and a positional call in either order would silently build the other module. POSTER++'s keywords
+    (``num_heads``, ``attn_drop=0``, ``proj_drop=0``) are accepted.
+
     ``forward(x, q_global)``: ``x`` is ``(B·n_windows, M, dim)`` window tokens with ``M = window_size²``;
     ``q_global`` is ``(B, heads, M, dim / heads)`` or POSTER++'s ``(B, 1, heads, M, dim / heads)``.
     Returns ``(B·n_windows, M, dim)``.
     """
 
     def __init__(
-        self, dim: int, window_size: int, heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
-        backend: str | None = None,
+        self, dim: int, *, window_size: int, heads: int | None = None, qkv_bias: bool = True,
+        qk_scale: float | None = None, backend: str | None = None, num_heads: int | None = None,
+        attn_drop: float = 0.0, proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
+        heads = _head_count(heads, num_heads)
+        for name, rate in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if rate != 0:
+                raise ValueError(f"{name} must be 0 (POSTER++ trains with 0; the fused op has no dropout), got {rate}")
         if dim < 1 or heads < 1 or dim % heads:
             raise ValueError(f"dim must be a positive multiple of heads, got dim={dim}, heads={heads}")
         if window_size < 1:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
-from torch import nn
+from peers import RestormerAttention
 
 import lldif_kernels
 from lldif_kernels import BackendNotSupportedError, reference
@@ -259,34 +259,18 @@ def test_explicit_backend_that_cannot_serve_lists_its_reasons():
         lldif_kernels.channel_attention(q, q, q, torch.ones(1), backend="cuda")
 
 
-class RestormerAttention(nn.Module):
-    """Restormer's Attention as its authors wrote it, in plain PyTorch: the module test's oracle."""
-
-    def __init__(self, dim, num_heads, bias):
-        super().__init__()
-        self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
-        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1, groups=dim * 3, bias=bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
-        return self.project_out((attn @ v).reshape(b, c, h, w))
-
-
+@pytest.mark.parametrize("call", ["positional", "keywords"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("dim", "heads"), [(48, 1), (96, 2)])
-def test_module_loads_restormer_state_dict_and_matches(bias, dim, heads):
+def test_module_loads_restormer_state_dict_and_matches(call, bias, dim, heads):
+    """Built with Restormer's own constructor call, positional or with its keywords."""
     torch.manual_seed(0)
-    restormer = RestormerAttention(dim, heads, bias)
+    args, kwargs = ((dim, heads, bias), {}) if call == "positional" else ((), {"dim": dim, "num_heads": heads,
+                                                                               "bias": bias})
+    restormer = RestormerAttention(*args, **kwargs)
     with torch.no_grad():
         restormer.temperature.uniform_(0.5, 2.0)
-    ours = TransposedAttention(dim, heads, bias=bias)
+    ours = TransposedAttention(*args, **kwargs)
     ours.load_state_dict(restormer.state_dict(), strict=True)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in restormer.state_dict().items()}
@@ -305,6 +289,14 @@ def test_module_loads_restormer_state_dict_and_matches(bias, dim, heads):
 def test_module_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="multiple of heads"):
         TransposedAttention(10, 3)
+
+
+def test_module_head_count_arguments():
+    assert TransposedAttention(16, heads=2, num_heads=2).heads == 2
+    with pytest.raises(ValueError, match=r"heads=2 and num_heads=4"):
+        TransposedAttention(16, 2, num_heads=4)
+    with pytest.raises(TypeError, match="heads"):
+        TransposedAttention(16)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_compiled_gradients_match, assert_within_tolerance, backend_params, skip_unless_serves
-from torch import nn
+from peers import PosterWindowAttentionGlobal
 
 import lldif_kernels
 from lldif_kernels import BackendNotSupportedError, reference
@@ -224,7 +224,7 @@ def test_opcheck(backend, device):
 def test_torch_compile_fullgraph(module):
     skip_unless_serves("cpp", "cpu")
     torch.manual_seed(0)
-    layer = WindowCrossAttention(16, 3, 2)
+    layer = WindowCrossAttention(16, window_size=3, heads=2)
     x = torch.randn(4, 9, 16, requires_grad=True)
     q_global = torch.randn(2, 2, 9, 8, requires_grad=True)
     inputs = [x, q_global] if module else make_inputs(2, 2, 2, 3, 8)
@@ -274,45 +274,14 @@ def test_head_dim_limits_are_reasons_not_crashes(backend):
     assert any("d=129" in reason for reason in op_reasons(backend, 1, 1, 4, 129))
 
 
-class PosterWindowAttentionGlobal(nn.Module):
-    """POSTER++'s WindowAttentionGlobal as its authors wrote it, in plain PyTorch: the module test's oracle."""
-
-    def __init__(self, dim, num_heads, window_size, qkv_bias=True):
-        super().__init__()
-        self.window_size = (window_size, window_size)
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        coords = torch.stack(torch.meshgrid([torch.arange(window_size), torch.arange(window_size)], indexing="ij"))
-        coords_flatten = torch.flatten(coords, 1)
-        relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
-        relative_coords[:, :, 0] += window_size - 1
-        relative_coords[:, :, 1] += window_size - 1
-        relative_coords[:, :, 0] *= 2 * window_size - 1
-        self.register_buffer("relative_position_index", relative_coords.sum(-1))
-        self.qkv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def forward(self, x, q_global):
-        windows, tokens, channels = x.shape
-        head_dim = channels // self.num_heads
-        windows_per_image = windows // q_global.shape[0]
-        kv = self.qkv(x).reshape(windows, tokens, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
-        q = q_global.repeat(1, windows_per_image, 1, 1, 1).reshape(windows, self.num_heads, tokens, head_dim)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(tokens, tokens, -1)
-        attn = (attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(windows, tokens, channels))
-
-
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize(("dim", "heads", "window_size", "windows_per_image"), [(64, 2, 7, 1), (32, 4, 3, 4)])
 def test_module_loads_poster_state_dict_and_matches(qkv_bias, dim, heads, window_size, windows_per_image):
+    """Built with POSTER++'s own constructor keywords."""
     torch.manual_seed(0)
-    poster = PosterWindowAttentionGlobal(dim, heads, window_size, qkv_bias)
-    ours = WindowCrossAttention(dim, window_size, heads, qkv_bias=qkv_bias)
+    kwargs = {"dim": dim, "num_heads": heads, "window_size": window_size, "qkv_bias": qkv_bias}
+    poster = PosterWindowAttentionGlobal(**kwargs)
+    ours = WindowCrossAttention(**kwargs, attn_drop=0.0, proj_drop=0.0)
     ours.load_state_dict(poster.state_dict(), strict=True)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in poster.state_dict().items()}
     images, tokens = 2, window_size**2
@@ -334,7 +303,25 @@ def test_module_loads_poster_state_dict_and_matches(qkv_bias, dim, heads, window
 
 def test_module_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="multiple of heads"):
-        WindowCrossAttention(10, 7, 3)
+        WindowCrossAttention(10, window_size=7, heads=3)
+
+
+def test_module_refuses_positional_calls_in_either_order():
+    """POSTER++ takes (dim, num_heads, window_size), a natural order would be (dim, window_size, heads): a
+    positional call must not build whichever module its order happens to mean here."""
+    with pytest.raises(TypeError, match="positional"):
+        WindowCrossAttention(64, 2, 28)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"heads": 2, "attn_drop": 0.1}, ValueError, r"\battn_drop\b"),
+    ({"heads": 2, "proj_drop": 0.5}, ValueError, r"\bproj_drop\b"),
+    ({"heads": 2, "num_heads": 4}, ValueError, r"heads=2 and num_heads=4"),
+    ({}, TypeError, r"\bheads\b"),
+])
+def test_module_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        WindowCrossAttention(16, window_size=3, **kwargs)
 
 
 @pytest.mark.parametrize(("argument", "x_shape", "q_shape"), [
@@ -347,6 +334,6 @@ def test_module_rejects_indivisible_heads():
     ("q_global", (4, 9, 16), (3, 2, 9, 8)),
 ])
 def test_module_bad_inputs_name_the_argument(argument, x_shape, q_shape):
-    layer = WindowCrossAttention(16, 3, 2)
+    layer = WindowCrossAttention(16, window_size=3, heads=2)
     with pytest.raises(ValueError, match=rf"\b{argument}\b"):
         layer(torch.randn(x_shape), torch.randn(q_shape))

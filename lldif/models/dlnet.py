@@ -85,7 +85,7 @@ class DLNet(nn.Module):
         for i, (width, dim, ws, head, rate) in enumerate(scales, 1):
             setattr(self, f"conv{i}", nn.Conv2d(width, dim, 3, stride=2, padding=1))
             setattr(self, f"window{i}", WindowNorm(dim))
-            setattr(self, f"attn{i}", WindowCrossAttention(dim, ws, head, backend=backend))
+            setattr(self, f"attn{i}", WindowCrossAttention(dim, window_size=ws, heads=head, backend=backend))
             setattr(self, f"ffn{i}", FeedForward(dim, config.mlp_ratio, config.layer_scale, rate))
             if config.query_projection:
                 setattr(self, f"q_proj{i}", nn.Linear(dim, dim, bias=False))
