@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 
 from .ablate import add_ablate_command
+from .convert import add_convert_command
 from .data.landmarks import add_landmarks_command
 from .data.lowlight import add_make_lowlight_command
 from .data.synthetic import add_synth_command
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(commands)
     add_sweep_steps_command(commands)
     add_ablate_command(commands)
+    add_convert_command(commands)
     return parser
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, pickle.UnpicklingError) as error:
         if os.environ.get("LLDIF_DEBUG"):
             raise
         parser.exit(2, f"lldif {args.command}: error: {error}\n")

@@ -41,7 +41,8 @@ from .evaluate import prediction_spread
 from .models.baseline import BaselineCNN, BaselineConfig, baseline_tiny
 from .models.config import LLDifConfig, apply_overrides, lldif_base, lldif_tiny
 from .models.lldif import LLDif
-from .run import Run, RunError
+from .models.pretrained import WEIGHTS_FILE, load_model_folder
+from .run import RUN_FILE, Run, RunError
 
 STAGES = ("la-clip", "1", "2")
 MODELS = ("lldif", "baseline")
@@ -152,10 +153,19 @@ STAGE2_INHERITED_FIELDS = ("dtnet.", "dlnet.", "fusion.", "la_clip.", "prior.dim
                            "in_channels")
 
 
+def _init_model(init: str) -> nn.Module:
+    """The model `--init` names: a run folder's best checkpoint, or a model folder (`lldif convert`'s, a
+    checkpoint folder) as it is."""
+    folder = Path(init)
+    if not (folder / RUN_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return load_model_folder(folder).eval()
+    return Run(folder).load_model("best")
+
+
 def _from_init(settings: TrainSettings) -> nn.Module:
     """The best model of the `init` run, rebuilt with `overrides` when there are any; the overrides may change
     only weights the run starts afresh (`_inherited`), and in stage 2 no field of the inherited parts."""
-    start = Run(settings.init).load_model("best")
+    start = _init_model(settings.init)
     if not settings.overrides:
         return start
     if settings.task == "2":
@@ -706,7 +716,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
                              "(darkened), cached")
     parser.add_argument("--landmark-cache", help="folder for the detected landmarks (default RUN_DIR/landmarks)")
     parser.add_argument("--init", help="run folder to initialise from (stage 1: the LA-CLIP run; stage 2: the "
-                                       "stage-1 run)")
+                                       "stage-1 run), or a model folder such as `lldif convert`'s")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,

@@ -217,17 +217,14 @@ class HeatmapLandmarkEncoder(nn.Module):
 
 
 def _load_checkpoint(module: nn.Module, path: str, prefix: str) -> tuple[list[str], list[str]]:
-    """Tensor-only load: strips 'module.' and `prefix`; keys of the wrong shape count as unexpected."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    """Tensor-only load (`read_checkpoint`) with `prefix` stripped; keys of the wrong shape count as unexpected."""
+    from .pretrained import read_checkpoint
+
     own = module.state_dict()
     kept, unexpected = {}, []
-    for key, value in state.items():
-        name = key.removeprefix("module.").removeprefix(prefix)
-        if isinstance(value, torch.Tensor) and name in own and own[name].shape == value.shape:
+    for key, value in read_checkpoint(path).items():
+        name = key.removeprefix(prefix)
+        if name in own and own[name].shape == value.shape:
             kept[name] = value
         else:
             unexpected.append(key)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -147,13 +146,10 @@ def load_open_clip_visual(model: LAClip, path: str | os.PathLike, freeze: bool =
     """Loads the `visual.*` weights of a user's open_clip ViT checkpoint (torch.load with weights_only=True only)
     into the image tower and a copy into the controller, as DA-CLIP initialises it; returns (missing, unexpected)
     keys of the tower. The tower is frozen unless `freeze` is False."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
+    from .pretrained import read_checkpoint
+
     visual = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
+    for key, value in read_checkpoint(path).items():
         if key.startswith("visual."):
             visual[key.removeprefix("visual.")] = value
     if not visual:

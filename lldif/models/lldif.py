@@ -4,7 +4,6 @@ and inference), and the LLformer (DTNet + DLNet + fusion head) that classifies a
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -24,7 +23,7 @@ from .fusion import FusionHead
 from .la_clip import LAClip
 from .losses import classification_loss, prior_loss
 from .pnet import PNetS1, PNetS2
-from .pretrained import read_model_folder, save_model_folder
+from .pretrained import read_checkpoint, read_model_folder, save_model_folder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 STAGES = (0, 1, 2)
@@ -312,10 +311,5 @@ class LLDif(nn.Module):
     def load_pth(self, path: str | os.PathLike, strict: bool = False) -> tuple[list[str], list[str]]:
         """Loads an external `.pth` state dict (torch.load with weights_only=True only; a `module.` prefix and a
         `state_dict` wrapper are undone); returns (missing, unexpected) keys."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"path: {path} does not hold a state dict")
-        result = self.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=strict)
+        result = self.load_state_dict(read_checkpoint(path), strict=strict)
         return list(result.missing_keys), list(result.unexpected_keys)

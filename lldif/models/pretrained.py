@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,30 @@ from ..data.images import write_atomic
 from ..run import write_json
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# Where other projects' training scripts keep the weights inside a saved dict, first match wins: BasicSR's EMA and
+# plain weights (DiffIR), then the usual `state_dict` / `model` wrappers (POSTER++, open_clip, timm).
+CHECKPOINT_WRAPPERS = ("params_ema", "params", "state_dict", "model")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in another project's `.pth`: loaded with `weights_only=True` (a file that pickles anything
+    but tensors and plain containers is refused), unwrapped from a training script's dict, `module.` (DataParallel)
+    prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: {path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(f"path: {path} holds more than plain weights, refused (weights_only=True): "
+                                     f"{error}") from error
+    for key in CHECKPOINT_WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"path: {path} does not hold a state dict (names to tensors)")
+    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 def save_model_folder(directory: str | os.PathLike, config: dict[str, Any], module: nn.Module,

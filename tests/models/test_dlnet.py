@@ -138,7 +138,7 @@ def test_ir50_loader_reports_missing_and_unexpected_keys(tmp_path):
     torch.save({"state_dict": state}, path)
     missing, unexpected = load_ir50_checkpoint(target, str(path))
     assert set(missing) == {"body3.13.res_layer.4.bias", "body1.0.res_layer.0.weight"}
-    assert set(unexpected) == {"module.output_layer.3.weight", "module.body1.0.res_layer.0.weight"}
+    assert set(unexpected) == {"output_layer.3.weight", "body1.0.res_layer.0.weight"}
     torch.testing.assert_close(target.body2[0].res_layer[1].weight, source.body2[0].res_layer[1].weight + 1.0)
 
 
