@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=2 -p no:cacheprovider
 
-.PHONY: test demo lint compile-check bench gpu-check profile clean
+.PHONY: test test-install demo lint compile-check bench gpu-check profile clean
 
 # The environment: torch first, pinned (the extensions build against it, without build isolation);
 # installing the project builds the extensions, so the build stamp is fresh too.
@@ -26,6 +26,10 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests
+
+# `pip install -e .` and `pip install .` as written, in a new venv with the pinned torch (slow: a CI step).
+test-install: $(VENV)/.installed
+	TORCH_PIN="$(TORCH_PIN)" $(PY) -m pytest tests/test_install.py -m install
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lldif demo
