@@ -105,10 +105,15 @@ def _device_and_dtypes(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.de
 
 
 def explain(
-    tensors: Sequence[torch.Tensor | None], op_reasons: OpReasons | None = None
+    tensors: Sequence[torch.Tensor | None] | None = None, op_reasons: OpReasons | None = None
 ) -> dict[str, list[str]]:
-    """Every backend with its reasons for declining these inputs (empty list: it can serve them)."""
-    device, dtypes = _device_and_dtypes(tensors)
+    """Every backend with its reasons for declining these inputs (empty list: it can serve them); without
+    inputs, for float32 tensors on this process's default device (CUDA when there is one): what this
+    installation can run."""
+    if tensors is None:
+        device, dtypes = torch.device("cuda" if torch.cuda.is_available() else "cpu"), [torch.float32]
+    else:
+        device, dtypes = _device_and_dtypes(tensors)
     return {backend: not_supported_reasons(backend, device, dtypes, op_reasons) for backend in BACKENDS}
 
 

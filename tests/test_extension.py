@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import lldif_kernels
 from lldif_kernels import _extension
 
 
@@ -39,3 +40,10 @@ def test_build_for_another_torch_is_not_loaded(monkeypatch):
 def test_missing_build_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "read_build_info", lambda: None)
     assert "pip install -e ." in _extension._load("_C")
+
+
+def test_explain_without_inputs_says_what_this_installation_runs():
+    reasons = lldif_kernels.dispatch.explain()
+    assert reasons["reference"] == [] and reasons["cpp"] == []
+    if not torch.cuda.is_available():
+        assert reasons["cuda"] and reasons["triton"] == lldif_kernels.dispatch.explain([torch.zeros(1)])["triton"]
