@@ -24,14 +24,21 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
+VARIANT_FOLDERS = tuple(folder for folder, _, _ in VARIANTS)
+
+
 def run_ablation(stage1: str | Path, out: str | Path, settings: TrainSettings, *, device: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Trains and evaluates every variant from the stage-1 run `stage1` with `settings` (stage 2, `init` and
-    `overrides` are set here); writes OUT/ablation.json and OUT/ablation.md and returns the table's numbers."""
+                 progress: bool = True, variants: tuple[str, ...] = VARIANT_FOLDERS) -> dict[str, Any]:
+    """Trains and evaluates each of `variants` (all of Table 5's by default) from the stage-1 run `stage1` with
+    `settings` (stage 2, `init` and `overrides` are set here); writes OUT/ablation.json and OUT/ablation.md and
+    returns the table's numbers."""
+    unknown = sorted(set(variants) - set(VARIANT_FOLDERS))
+    if unknown or not variants:
+        raise ValueError(f"variants must be some of {', '.join(VARIANT_FOLDERS)}, got {', '.join(variants) or 'none'}")
     out = Path(out)
     Run(stage1).record()
     rows, results = [], {}
-    for folder, name, overrides in VARIANTS:
+    for folder, name, overrides in (variant for variant in VARIANTS if variant[0] in variants):
         variant = dataclasses.replace(settings, stage="2", init=str(stage1), overrides=dict(overrides))
         run = train_or_resume(variant, out / folder, device=device, progress=progress)
         conditions = evaluate_run(run, device=device, progress=progress)["conditions"]
@@ -40,9 +47,11 @@ def run_ablation(stage1: str | Path, out: str | Path, settings: TrainSettings, *
         rows.append((name, *(f"{100 * values['accuracy']:.2f}%" for values in conditions.values())))
     headers = ("variant", *(f"{condition} accuracy" for condition in conditions))
     table = markdown_table(headers, rows)
+    left_out = [name for folder, name, _ in VARIANTS if folder not in variants]
+    note = f" Not run here: {', '.join(left_out)}." if left_out else ""
     report = (f"# Ablation of the diffusion prior (Table 5)\n\nStage 2 from `{stage1}`, {settings.epochs} epochs "
               f"each on `{settings.data}` (low-light preset `{settings.lowlight}`, seed {settings.seed}); every "
-              f"variant's own evaluation is in its folder.\n\n{table}").encode()
+              f"variant's own evaluation is in its folder.{note}\n\n{table}").encode()
     write_json(out / "ablation.json", {"stage1": str(stage1), "settings": settings.to_dict(), "variants": results})
     write_atomic(out / "ablation.md", lambda file: file.write(report))
     return results
@@ -67,6 +76,8 @@ def add_ablate_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lowlight", choices=LOWLIGHT_CHOICES, help="default: the stage-1 run's")
     parser.add_argument("--seed", type=int, help="default: the stage-1 run's")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--variants", type=lambda text: tuple(text.split(",")), default=VARIANT_FOLDERS,
+                        metavar="NAME,...", help=f"which of {','.join(VARIANT_FOLDERS)} to run (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> None:
@@ -74,7 +85,8 @@ def add_ablate_command(commands: argparse._SubParsersAction) -> None:
         changes = {name: getattr(args, name) for name in ("data", "test_data", "batch_size", "lr", "lowlight", "seed")
                    if getattr(args, name) is not None}
         settings = dataclasses.replace(base, epochs=args.epochs, **changes)
-        run_ablation(args.stage1, args.out, settings, device=args.device, progress=not args.quiet)
+        run_ablation(args.stage1, args.out, settings, device=args.device, progress=not args.quiet,
+                     variants=args.variants)
         print((Path(args.out) / "ablation.md").read_text(encoding="utf-8"))
 
     parser.set_defaults(run=run)

@@ -28,6 +28,21 @@ def test_ablation_trains_and_tabulates_every_variant(tmp_path, capsys):
     assert full.settings["init"] == str(stage1.path) and full.settings["stage"] == "2"
 
 
+def test_ablation_of_some_variants_says_which_were_left_out(tmp_path, capsys):
+    stage1 = train(TrainSettings(stage="1", config="tiny", data="synthetic:14", epochs=1, batch_size=7, workers=0),
+                   tmp_path / "stage1", progress=False)
+    main(["ablate", str(stage1.path), "--out", str(tmp_path / "ablation"), "--epochs", "1", "--quiet",
+          "--variants", "full,no-diffusion"])
+    table = capsys.readouterr().out
+    assert "| LLDif (CE + KL)" in table and "| no diffusion" in table and "| CE only" not in table
+    assert "Not run here: CE only (no prior loss), no inserted noise" in table
+    assert sorted(json.loads((tmp_path / "ablation" / "ablation.json").read_text())["variants"]) == [
+        "full", "no-diffusion"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", str(stage1.path), "--out", str(tmp_path / "ablation"), "--variants", "full,table6"])
+    assert exit_info.value.code == 2 and "variants must be some of" in capsys.readouterr().err
+
+
 def test_ablate_needs_a_run_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["ablate", str(tmp_path), "--out", str(tmp_path / "out")])
