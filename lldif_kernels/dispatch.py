@@ -26,6 +26,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 OpReasons = Callable[[str], list[str]]
+KernelsOf = Callable[[str], tuple[Callable, Callable]]
+
+# Tests only: tests/cuda_host compiles csrc/cuda for the host and serves those kernels on CPU tensors under
+# this name (serve_emulated_cuda). It is not one of BACKENDS, so explain() and users never see it.
+EMULATED_CUDA = "cuda_emulated"
+_emulated_cuda: KernelsOf | None = None
 
 _selected: str | None = None  # by use_backend
 
@@ -34,8 +40,22 @@ class BackendNotSupportedError(RuntimeError):
     """A backend that was asked for explicitly cannot serve the given inputs."""
 
 
+def serve_emulated_cuda(kernels: KernelsOf | None) -> None:
+    """Tests only: backend ``cuda_emulated`` runs ``kernels(op) -> (forward, backward)`` on CPU tensors, the
+    host emulation of the CUDA kernels; None withdraws it."""
+    global _emulated_cuda
+    _emulated_cuda = kernels
+
+
+def emulated_cuda_kernels(op: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of ``op`` in the host emulation of the CUDA kernels, when tests serve it."""
+    if _emulated_cuda is None:
+        raise BackendNotSupportedError(f"{op}: backend {EMULATED_CUDA!r} is served only by the tests")
+    return _emulated_cuda(op)
+
+
 def _checked_name(name: str | None, what: str) -> str | None:
-    if name is not None and name not in BACKENDS:
+    if name is not None and name not in BACKENDS and name != EMULATED_CUDA:
         raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
 
@@ -75,6 +95,8 @@ def not_supported_reasons(
     """Why ``backend`` cannot serve tensors of these dtypes on ``device`` (empty when it can)."""
     if backend == "reference":
         return []
+    if backend == EMULATED_CUDA:
+        return _emulated_cuda_reasons(device, dtypes, op_reasons)
     reasons = []
     unavailable = {
         "cpp": _extension.CPP_UNAVAILABLE,
@@ -96,6 +118,19 @@ def not_supported_reasons(
         reasons.append(f"dtype {', '.join(bad_dtypes)} is not one of float32, float16, bfloat16, float64")
     if op_reasons is not None:
         reasons.extend(op_reasons(backend))
+    return reasons
+
+
+def _emulated_cuda_reasons(device: torch.device, dtypes: Sequence[torch.dtype],
+                           op_reasons: OpReasons | None) -> list[str]:
+    reasons = [] if _emulated_cuda else ["the host emulation of the CUDA kernels is test infrastructure: only "
+                                         "the tests serve it (tests/cuda_host)"]
+    if device.type != "cpu":
+        reasons.append(f"the {EMULATED_CUDA} backend serves CPU tensors, these are on {device}")
+    reasons += [f"dtype {dtype} is not one of float32, float16, bfloat16, float64" for dtype in
+                sorted({str(d) for d in dtypes if d not in DTYPES})]
+    if op_reasons is not None:
+        reasons.extend(op_reasons(EMULATED_CUDA))
     return reasons
 
 

@@ -13,11 +13,13 @@ BASE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, tor
 
 
 def backend_params() -> list:
-    """(backend, device) pairs: CPU ones always (skipped when unavailable), CUDA ones marked `cuda`."""
+    """(backend, device) pairs: CPU ones always (skipped when unavailable; the CUDA kernels run on CPU tensors
+    under the host emulation of tests/cuda_host), CUDA ones marked `cuda`."""
     cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
     return [
         pytest.param("cpp", "cpu", id="cpp"),
         pytest.param("triton", "cpu", id="triton-interpreter"),
+        pytest.param(dispatch.EMULATED_CUDA, "cpu", id="cuda-emulated"),
         pytest.param("cuda", "cuda", id="cuda", marks=cuda),
         pytest.param("triton", "cuda", id="triton-cuda", marks=cuda),
     ]

@@ -87,6 +87,16 @@ def test_matches_reference_half(backend, device, dtype, dim):
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dim", [16, 32, 48, 64, 96, 128])
+def test_every_dtype_and_head_dim_cover(backend, device, dtype, dim):
+    """Each dtype at each head-dim size the CUDA kernels are instantiated for (d <= 16, 32, 48, 64, 96, 128)."""
+    if (backend, device) == INTERPRETED and dim > 48:
+        pytest.skip("too slow for the Triton interpreter")
+    check_against_reference(backend, device, (1, 2, dim, 33), dtype)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("batch", [0, 1, 4])
 def test_batch_sizes(backend, device, batch):
     check_against_reference(backend, device, (batch, 2, 16, 49))
@@ -157,6 +167,21 @@ def test_extreme_inputs_stay_finite(backend, device, dtype, case):
     fused, exact = check_against_reference(backend, device, None, dtype, inputs)
     for out, want in zip(fused, exact, strict=True):
         assert out[want.to(out.dtype).isfinite()].isfinite().all()
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_nan_stays_in_its_row(backend, device):
+    """A NaN in row i of q makes that row's norm, cosine row and output row NaN, as F.normalize does (its clamp
+    keeps a NaN); every other row stays finite."""
+    skip_unless_serves(backend, device)
+    q, k, v, tau = (t.detach() for t in make_inputs(1, 2, 8, 49, device=device))
+    q[0, 1, 3, 5] = float("nan")
+    out, cosine, q_norm, k_norm = torch.ops.lldif_kernels.channel_attention.default(q, k, v, tau.reshape(2), backend)
+    nan_row = torch.zeros_like(out, dtype=torch.bool)
+    nan_row[0, 1, 3] = True
+    assert out[nan_row].isnan().all() and out[~nan_row].isfinite().all()
+    assert cosine[0, 1, 3].isnan().all() and q_norm[0, 1, 3].isnan()
+    assert q_norm.isnan().sum() == 1 and k_norm.isfinite().all()
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())

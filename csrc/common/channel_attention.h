@@ -16,6 +16,14 @@
 
 namespace lldif_kernels::cha {
 
+// The op schemas (lldif_native::*, and the test-only lldif_cuda_emulated::* of tests/cuda_host).
+constexpr const char* kForwardSchema =
+    "channel_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor temperature) -> (Tensor, Tensor, Tensor, "
+    "Tensor)";
+constexpr const char* kBackwardSchema =
+    "channel_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor temperature, Tensor cosine, "
+    "Tensor q_norm, Tensor k_norm, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor";
+
 // F.normalize's clamp on the norm; a clamped row takes no gradient through its norm.
 constexpr double kNormEps = 1e-12;
 

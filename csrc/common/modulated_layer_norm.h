@@ -6,6 +6,13 @@
 
 namespace lldif_kernels::mln {
 
+// The op schemas (lldif_native::*, and the test-only lldif_cuda_emulated::* of tests/cuda_host).
+constexpr const char* kForwardSchema =
+    "modulated_layer_norm_fwd(Tensor x, Tensor a, Tensor e, float eps, bool bias_free) -> Tensor";
+constexpr const char* kBackwardSchema =
+    "modulated_layer_norm_bwd(Tensor dy, Tensor x, Tensor a, float eps, bool bias_free) -> (Tensor, "
+    "Tensor, Tensor)";
+
 // An activation seen as (batch, channels, positions), dense in one of two layouts (batch stride C*P):
 // channels-inner (channel stride 1: tokens, channels_last) or planar (position stride 1: NCHW).
 struct Problem {

@@ -22,6 +22,14 @@
 
 namespace lldif_kernels::wca {
 
+// The op schemas (lldif_native::*, and the test-only lldif_cuda_emulated::* of tests/cuda_host).
+constexpr const char* kForwardSchema =
+    "window_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor table, int window_size, "
+    "float scale) -> (Tensor, Tensor)";
+constexpr const char* kBackwardSchema =
+    "window_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor table, Tensor out, "
+    "Tensor lse, int window_size, float scale, bool need_dq) -> (Tensor, Tensor, Tensor, Tensor)";
+
 struct Strides {
   int64_t window = 0, head = 0, token = 0;  // channel stride is 1
 };

@@ -391,12 +391,8 @@ at::Tensor channel_attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q
 }  // namespace lldif_kernels
 
 TORCH_LIBRARY_FRAGMENT(lldif_native, m) {
-  m.def(
-      "channel_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor temperature) -> (Tensor, Tensor, Tensor, "
-      "Tensor)");
-  m.def(
-      "channel_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor temperature, Tensor cosine, "
-      "Tensor q_norm, Tensor k_norm, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> Tensor");
+  m.def(lldif_kernels::cha::kForwardSchema);
+  m.def(lldif_kernels::cha::kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(lldif_native, CPU, m) {

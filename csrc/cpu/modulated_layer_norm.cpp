@@ -308,10 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd_cpu(cons
 }  // namespace lldif_kernels
 
 TORCH_LIBRARY_FRAGMENT(lldif_native, m) {
-  m.def("modulated_layer_norm_fwd(Tensor x, Tensor a, Tensor e, float eps, bool bias_free) -> Tensor");
-  m.def(
-      "modulated_layer_norm_bwd(Tensor dy, Tensor x, Tensor a, float eps, bool bias_free) -> (Tensor, Tensor, "
-      "Tensor)");
+  m.def(lldif_kernels::mln::kForwardSchema);
+  m.def(lldif_kernels::mln::kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(lldif_native, CPU, m) {

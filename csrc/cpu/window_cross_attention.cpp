@@ -374,11 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attentio
 }  // namespace lldif_kernels
 
 TORCH_LIBRARY_FRAGMENT(lldif_native, m) {
-  m.def("window_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor table, int window_size, float scale) -> "
-        "(Tensor, Tensor)");
-  m.def(
-      "window_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor table, Tensor out, "
-      "Tensor lse, int window_size, float scale, bool need_dq) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(lldif_kernels::wca::kForwardSchema);
+  m.def(lldif_kernels::wca::kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(lldif_native, CPU, m) {

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "element_types.cuh"
+#include "portability.cuh"
 #include "channel_attention_launch.h"
 
 namespace lldif_kernels {
@@ -304,7 +305,9 @@ __global__ void __launch_bounds__(kThreads)
   if (tid < 2 * d) {
     const bool is_q = tid < d;
     const int row = is_q ? tid : tid - d;
-    const A norm = fmax(sqrt(sum_splits(is_q ? sq_partials : sk_partials, pair, splits, d, row)), eps);
+    // F.normalize's clamp, which keeps a NaN norm NaN (fmax would return eps).
+    const A root = sqrt(sum_splits(is_q ? sq_partials : sk_partials, pair, splits, d, row));
+    const A norm = root < eps ? eps : root;
     (is_q ? norm_q : norm_k)[row] = norm;
     (is_q ? q_norm : k_norm)[pair * d + row] = norm;
   }
@@ -576,8 +579,8 @@ cudaError_t launch_gram(const ChaShape& s, Operand<T> a, Operand<T> b, void* gra
   using A = Acc<T>;
   const int64_t pairs = s.batch * s.heads;
   return with_cover(s.dim, [&](auto cover) {
-    gram_partials_kernel<T, decltype(cover)::value>
-        <<<static_cast<unsigned>(pairs * split.splits), kThreads, 0, stream>>>(
+    LLDIF_LAUNCH(static_cast<unsigned>(pairs * split.splits), kThreads, 0, stream,
+                 gram_partials_kernel<T, decltype(cover)::value>)(
             a, b, static_cast<A*>(gram), static_cast<A*>(squares_a), static_cast<A*>(squares_b),
             static_cast<int>(s.dim), s.heads, s.positions, split.splits, split.chunk);
     return cudaGetLastError();
@@ -589,8 +592,7 @@ cudaError_t launch_apply(const ChaShape& s, const ApplyJobs<T>& jobs, int job_co
   const int64_t tiles = position_tiles<Acc<T>>(s.positions);
   const dim3 grid(static_cast<unsigned>(s.batch * s.heads * tiles), static_cast<unsigned>(job_count));
   return with_cover(s.dim, [&](auto cover) {
-    apply_coefficients_kernel<T, decltype(cover)::value>
-        <<<grid, kThreads, 0, stream>>>(jobs, static_cast<int>(s.dim), s.heads, s.positions, tiles);
+    LLDIF_LAUNCH(grid, kThreads, 0, stream, apply_coefficients_kernel<T, decltype(cover)::value>)(jobs, static_cast<int>(s.dim), s.heads, s.positions, tiles);
     return cudaGetLastError();
   });
 }
@@ -631,7 +633,7 @@ cudaError_t channel_attention_fwd_cuda(ElementType dtype, const ChaShape& shape,
     cudaError_t err = launch_gram<T>(s, operand<T>(q, s.inputs), operand<T>(k, s.inputs), gram_partials, sq_partials,
                                      sk_partials, split, stream);
     if (err != cudaSuccess) return err;
-    softmax_fwd_kernel<A><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(
+    LLDIF_LAUNCH(static_cast<unsigned>(pairs), kThreads, 0, stream, softmax_fwd_kernel<A>)(
         static_cast<const A*>(gram_partials), static_cast<const A*>(sq_partials),
         static_cast<const A*>(sk_partials), static_cast<const A*>(temperature), static_cast<A*>(cosine),
         static_cast<A*>(q_norm), static_cast<A*>(k_norm), static_cast<A*>(probs), static_cast<int>(s.dim),
@@ -667,7 +669,7 @@ cudaError_t channel_attention_bwd_cuda(ElementType dtype, const ChaShape& shape,
     const Operand<T> g = operand<T>(dout, contiguous_strides(s));
     cudaError_t err = launch_gram<T>(s, g, operand<T>(v, s.inputs), dp_partials, nullptr, nullptr, split, stream);
     if (err != cudaSuccess) return err;
-    softmax_bwd_kernel<A><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(
+    LLDIF_LAUNCH(static_cast<unsigned>(pairs), kThreads, 0, stream, softmax_bwd_kernel<A>)(
         static_cast<const A*>(dp_partials), static_cast<const A*>(cosine), static_cast<const A*>(q_norm),
         static_cast<const A*>(k_norm), static_cast<const A*>(temperature), static_cast<A*>(coef),
         static_cast<A*>(diag), static_cast<A*>(dtemperature), static_cast<int>(s.dim), s.heads, split.splits,

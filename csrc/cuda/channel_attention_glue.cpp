@@ -4,11 +4,7 @@
 // The kernels are in channel_attention.cu, which has no torch headers, so tensors cross as raw pointers.
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -16,6 +12,7 @@
 #include <tuple>
 
 #include "../common/channel_attention.h"
+#include "glue_device.h"
 #include "channel_attention_launch.h"
 
 namespace lldif_kernels {
@@ -23,7 +20,8 @@ namespace {
 
 // Runs before the CUDAGuard, which needs q on a CUDA device (the dispatcher picks CUDA if any argument is).
 ElementType checked_dtype(const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "channel_attention: q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK_VALUE(glue::on_kernel_device(q), "channel_attention: q must be a ", glue::kDeviceName,
+                    " tensor, got device ", q.device());
   const at::ScalarType t = q.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    "channel_attention: the CUDA kernels take float32, float16, bfloat16 or float64 q, got ", t);
@@ -59,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_fwd
                                                                                  const at::Tensor& v,
                                                                                  const at::Tensor& temperature) {
   const ElementType dtype = checked_dtype(q);
-  c10::cuda::CUDAGuard guard(q.device());
+  glue::DeviceGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);
   const at::Tensor tau = temperature.contiguous();
@@ -86,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_fwd
       dtype, shape_of(p), p.q.const_data_ptr(), p.k.const_data_ptr(), p.v.const_data_ptr(), tau.const_data_ptr(),
       out.data_ptr(), cosine.data_ptr(), q_norm.data_ptr(), k_norm.data_ptr(), gram_partials.data_ptr(),
       sq_partials.data_ptr(), sk_partials.data_ptr(), probs.data_ptr(), cha::kNormEps,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      glue::current_stream()));
   return {out, cosine, q_norm, k_norm};
 }
 
@@ -95,7 +93,7 @@ at::Tensor channel_attention_bwd(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& q_norm, const at::Tensor& k_norm, at::Tensor& dq, at::Tensor& dk,
                                  at::Tensor& dv) {
   const ElementType dtype = checked_dtype(q);
-  c10::cuda::CUDAGuard guard(q.device());
+  glue::DeviceGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);
   const at::Tensor g = cha::grad_of_out(dout, p);
@@ -122,14 +120,14 @@ at::Tensor channel_attention_bwd(const at::Tensor& dout, const at::Tensor& q, co
       tau.const_data_ptr(), c.const_data_ptr(), nq.const_data_ptr(), nk.const_data_ptr(), grads.dq.data_ptr(),
       grads.dk.data_ptr(), grads.dv.data_ptr(), {grads.stride_batch, grads.stride_head, grads.stride_dim},
       dtemperature.data_ptr(), dp_partials.data_ptr(), coef.data_ptr(), diag.data_ptr(), cha::kNormEps,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      glue::current_stream()));
   return dtemperature;
 }
 
 }  // namespace
 }  // namespace lldif_kernels
 
-TORCH_LIBRARY_IMPL(lldif_native, CUDA, m) {
+LLDIF_CUDA_KERNELS_IMPL(m) {
   m.impl("channel_attention_fwd", TORCH_FN(lldif_kernels::channel_attention_fwd));
   m.impl("channel_attention_bwd", TORCH_FN(lldif_kernels::channel_attention_bwd));
 }

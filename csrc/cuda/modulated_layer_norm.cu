@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "element_types.cuh"
+#include "portability.cuh"
 #include "modulated_layer_norm_launch.h"
 
 namespace lldif_kernels {
@@ -352,7 +353,7 @@ cudaError_t modulated_layer_norm_fwd_cuda(ElementType dtype, const void* x, cons
     using A = Acc<T>;
     const auto kernel =
         channels_inner ? modulated_layer_norm_fwd_kernel<T, true> : modulated_layer_norm_fwd_kernel<T, false>;
-    kernel<<<plan.grid, plan.block, 0, stream>>>(static_cast<const T*>(x), static_cast<const A*>(a),
+    LLDIF_LAUNCH(plan.grid, plan.block, 0, stream, kernel)(static_cast<const T*>(x), static_cast<const A*>(a),
                                                  static_cast<const A*>(e), static_cast<T*>(y), plan.C,
                                                  positions, plan.tiles, A(eps), bias_free);
   });
@@ -369,7 +370,7 @@ cudaError_t modulated_layer_norm_bwd_cuda(ElementType dtype, const void* dy, con
     using A = Acc<T>;
     const auto kernel =
         channels_inner ? modulated_layer_norm_bwd_kernel<T, true> : modulated_layer_norm_bwd_kernel<T, false>;
-    kernel<<<plan.grid, plan.block, 0, stream>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
+    LLDIF_LAUNCH(plan.grid, plan.block, 0, stream, kernel)(static_cast<const T*>(dy), static_cast<const T*>(x),
                                                  static_cast<const A*>(a), static_cast<T*>(dx),
                                                  static_cast<A*>(da_partials), static_cast<A*>(de_partials),
                                                  plan.C, positions, plan.tiles, A(eps), bias_free);

@@ -4,17 +4,14 @@
 // The kernels are in modulated_layer_norm.cu, which has no torch headers, so tensors cross as raw pointers.
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 #include "../common/modulated_layer_norm.h"
+#include "glue_device.h"
 #include "modulated_layer_norm_launch.h"
 
 namespace lldif_kernels {
@@ -22,7 +19,8 @@ namespace {
 
 // Runs before the CUDAGuard, which needs x on a CUDA device (the dispatcher picks CUDA if any argument is).
 ElementType checked_dtype(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "modulated_layer_norm: x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(glue::on_kernel_device(x), "modulated_layer_norm: x must be a ", glue::kDeviceName,
+                    " tensor, got device ", x.device());
   const at::ScalarType t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
                    "modulated_layer_norm: the CUDA kernels take float32, float16, bfloat16 or float64 x, got ", t);
@@ -49,7 +47,7 @@ void check_launch(cudaError_t err) {
 at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, double eps,
                                     bool bias_free) {
   const ElementType dtype = checked_dtype(x);
-  c10::cuda::CUDAGuard guard(x.device());
+  glue::DeviceGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);
   const at::Tensor a_c = mln::modulation(a, a, "a"), e_c = mln::modulation(e, a, "e");
@@ -57,7 +55,7 @@ at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, co
   if (y.numel() == 0) return y;
   check_launch(modulated_layer_norm_fwd_cuda(dtype, p.x.data_ptr(), a_c.data_ptr(), e_c.data_ptr(),
                                              y.data_ptr(), p.batch, p.channels, p.positions, p.channels_inner,
-                                             eps, bias_free, c10::cuda::getCurrentCUDAStream().stream()));
+                                             eps, bias_free, glue::current_stream()));
   return y;
 }
 
@@ -65,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at
                                                                         const at::Tensor& a, double eps,
                                                                         bool bias_free) {
   const ElementType dtype = checked_dtype(x);
-  c10::cuda::CUDAGuard guard(x.device());
+  glue::DeviceGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);
   const at::Tensor a_c = mln::modulation(a, a, "a");
@@ -80,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at
     check_launch(modulated_layer_norm_bwd_cuda(dtype, g.data_ptr(), p.x.data_ptr(), a_c.data_ptr(), dx.data_ptr(),
                                                da_partials.data_ptr(), de_partials.data_ptr(), p.batch,
                                                p.channels, p.positions, p.channels_inner, eps, bias_free,
-                                               c10::cuda::getCurrentCUDAStream().stream()));
+                                               glue::current_stream()));
   }
   // ATen's sum reduces in a fixed order (no atomics), so da/de stay bitwise repeatable.
   return {dx, da_partials.sum(1), de_partials.sum(1)};
@@ -89,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at
 }  // namespace
 }  // namespace lldif_kernels
 
-TORCH_LIBRARY_IMPL(lldif_native, CUDA, m) {
+LLDIF_CUDA_KERNELS_IMPL(m) {
   m.impl("modulated_layer_norm_fwd", TORCH_FN(lldif_kernels::modulated_layer_norm_fwd));
   m.impl("modulated_layer_norm_bwd", TORCH_FN(lldif_kernels::modulated_layer_norm_bwd));
 }

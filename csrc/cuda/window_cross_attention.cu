@@ -4,8 +4,10 @@
 // Flash-style: the M x M logits and the bias are never materialised; the bias is gathered from the head's
 // table column (staged in shared memory when it fits) at idx = base(i) - code(j), two per-token integers.
 // Kernels (SIMT, fp32 math; fp64 for double inputs):
-//   fwd:   grid (window·head, query tile); online softmax over key tiles in the log2 domain (the logits are
-//          pre-scaled by log2 e so one exp2 per logit). Saves out and lse.
+//   fwd:   grid (window·head, query tile); online softmax over key tiles. Saves out and lse.
+//          Logits stay in natural units and only their difference to the running max (backward: to lse)
+//          is scaled by log2 e for exp2: scaling a logit of -1e4 first would round it at 1.4e4, and the
+//          backward's P = exp(s - lse) would lose three digits (the emulator's very-negative-logits test).
 //   delta: D_i = Σ_c dout_ic out_ic, one warp per row.
 //   dkdv:  grid (window·head, key tile); loops over all queries, recomputing P = exp(s - lse). A thread owns
 //          one key row, so per query it needs two inner products and no cross-thread softmax. dtable: each
@@ -36,6 +38,7 @@
 #include <type_traits>
 
 #include "element_types.cuh"
+#include "portability.cuh"
 #include "window_cross_attention_launch.h"
 
 namespace lldif_kernels {
@@ -215,7 +218,7 @@ __device__ __forceinline__ Bias<A> head_bias(A* staged, const A* table, int rows
   return {staged, 1};  // the caller's next __syncthreads publishes the staged column
 }
 
-extern __shared__ __align__(16) unsigned char wca_dynamic_smem[];
+LLDIF_DYNAMIC_SHARED(wca_dynamic_smem);
 
 template <typename T>
 struct Params {
@@ -226,7 +229,7 @@ struct Params {
   WcaStrides qs, ks, vs;
   int64_t heads, windows_per_query;
   int tokens, dim, window_size, table_rows;
-  Acc<T> scale, scale_log2;  // scale, scale · log2 e
+  Acc<T> scale;
   bool table_staged;
   // Forward outputs.
   T* out;
@@ -285,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_const
   const int base = query_base(i, M, ws);
 
   A acc[L::kSlice] = {};
-  A row_max = A(-INFINITY), row_sum = A(0);  // row_max in log2 units
+  A row_max = A(-INFINITY), row_sum = A(0);
   for (int key0 = 0; key0 < M; key0 += kKeys) {
     stage_key_tile<kCover, kKeys>(p, k_head, v_head, key0, k_tile, v_tile, codes);
     const int first = key0 + lane.split * kStep;
@@ -297,21 +300,21 @@ __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_const
     A step_max = A(-INFINITY);
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      const A logit = dot(k_rows + j * kCover, x, lane) * p.scale_log2 + bias(base - split_codes[j]) * A(kLog2e);
+      const A logit = dot(k_rows + j * kCover, x, lane) * p.scale + bias(base - split_codes[j]);
       s[j] = first + j < M ? logit : A(-INFINITY);
       step_max = fmax(step_max, s[j]);
     }
     // A row with no finite logit yet keeps row_max = -inf; shifting by 0 then gives p = 0, not NaN.
     const A new_max = fmax(row_max, step_max);
     const A shift = new_max == A(-INFINITY) ? A(0) : new_max;
-    const A rescale = exp2_of(row_max - shift);
+    const A rescale = exp2_of((row_max - shift) * A(kLog2e));
     row_max = new_max;
     row_sum *= rescale;
 #pragma unroll
     for (int c = 0; c < L::kSlice; ++c) acc[c] *= rescale;
 #pragma unroll
     for (int j = 0; j < kStep; ++j) {
-      const A pj = exp2_of(s[j] - shift);
+      const A pj = exp2_of((s[j] - shift) * A(kLog2e));
       row_sum += pj;
       axpy(pj, v_rows + j * kCover, acc, lane);
     }
@@ -338,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_const
         const A other_max = merge_max[lane.row];
         const A new_max = fmax(row_max, other_max);
         const A shift = new_max == A(-INFINITY) ? A(0) : new_max;
-        const A mine = exp2_of(row_max - shift), other = exp2_of(other_max - shift);
+        const A mine = exp2_of((row_max - shift) * A(kLog2e)), other = exp2_of((other_max - shift) * A(kLog2e));
         row_max = new_max;
         row_sum = row_sum * mine + merge_sum[lane.row] * other;
 #pragma unroll
@@ -358,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_fwd_kernel(const __grid_const
   // row_sum = 0 exactly when every logit is -inf: out 0, lse +inf.
   store_slice(p.out + row * d, d, row_sum > A(0) ? A(1) / row_sum : A(0), acc, lane);
   if (lane.group == 0) {
-    p.lse[row] = row_sum > A(0) ? (row_max + log2_of(row_sum)) * A(kLn2) : A(INFINITY);
+    p.lse[row] = row_sum > A(0) ? row_max + log2_of(row_sum) * A(kLn2) : A(INFINITY);
   }
 }
 
@@ -423,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_dkdv_kernel(const __grid_cons
     if (threadIdx.x < kQueries) {
       const int i = query0 + threadIdx.x;
       // lse +inf makes P = 0 for padding queries (and for rows whose logits were all -inf).
-      query_lse[threadIdx.x] = i < M ? p.saved_lse[wh * M + i] * A(kLog2e) : A(INFINITY);
+      query_lse[threadIdx.x] = i < M ? p.saved_lse[wh * M + i] : A(INFINITY);
       query_delta[threadIdx.x] = i < M ? p.delta[wh * M + i] : A(0);
       query_bases[threadIdx.x] = query_base(i, M, ws);
     }
@@ -437,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_dkdv_kernel(const __grid_cons
       const A s = dot(q_row, key, lane);
       const A dp = dot(o_row, value, lane);
       const int index = query_bases[ii] - code;
-      const A prob = exp2_of(s * p.scale_log2 + bias(index) * A(kLog2e) - query_lse[ii]);
+      const A prob = exp2_of((s * p.scale + bias(index) - query_lse[ii]) * A(kLog2e));
       const A ds = prob * (dp - query_delta[ii]);
       axpy(prob, o_row, dv, lane);
       axpy(ds, q_row, dk, lane);
@@ -517,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1) wca_dq_kernel(const __grid_consta
   for (int64_t w = qw * p.windows_per_query; w < (qw + 1) * p.windows_per_query; ++w) {
     const int64_t row = (w * p.heads + h) * M + i;
     load_slice(p.dout + row * d, valid, d, lane, grad_out);
-    const A row_lse = valid ? p.saved_lse[row] * A(kLog2e) : A(INFINITY);
+    const A row_lse = valid ? p.saved_lse[row] : A(INFINITY);
     const A row_delta = valid ? p.delta[row] : A(0);
     const T* k_head = p.k + w * p.ks.window + h * p.ks.head;
     const T* v_head = p.v + w * p.vs.window + h * p.vs.head;
@@ -530,8 +533,8 @@ __global__ void __launch_bounds__(kThreads, 1) wca_dq_kernel(const __grid_consta
         const A* k_row = k_tile + jj * kCover;
         const A s = dot(k_row, query, lane);
         const A dp = dot(v_tile + jj * kCover, grad_out, lane);
-        const A logit = s * p.scale_log2 + bias(base - codes[jj]) * A(kLog2e);
-        const A prob = key0 + jj < M ? exp2_of(logit - row_lse) : A(0);
+        const A logit = s * p.scale + bias(base - codes[jj]);
+        const A prob = key0 + jj < M ? exp2_of((logit - row_lse) * A(kLog2e)) : A(0);
         axpy(prob * (dp - row_delta), k_row, dq, lane);
       }
     }
@@ -664,7 +667,7 @@ Params<T> params_of(const WcaShape& s, const void* q, const void* k, const void*
   p.heads = s.heads, p.windows_per_query = s.windows / s.query_windows;
   p.tokens = static_cast<int>(s.tokens), p.dim = static_cast<int>(s.dim);
   p.window_size = static_cast<int>(s.window_size), p.table_rows = table_rows_of(s);
-  p.scale = static_cast<A>(scale), p.scale_log2 = static_cast<A>(scale * kLog2e);
+  p.scale = static_cast<A>(scale);
   return p;
 }
 
@@ -723,7 +726,7 @@ cudaError_t window_cross_attention_fwd_cuda(ElementType dtype, const WcaShape& s
       p.table_staged = attributes.sharedSizeBytes + table_bytes <= kDefaultSharedLimit;
       const dim3 grid(static_cast<unsigned>(shape.windows * shape.heads),
                       static_cast<unsigned>(ceil_div(shape.tokens, L::kRows)));
-      wca_fwd_kernel<T, kCover><<<grid, kThreads, p.table_staged ? table_bytes : 0, stream>>>(p);
+      LLDIF_LAUNCH(grid, kThreads, p.table_staged ? table_bytes : 0, stream, wca_fwd_kernel<T, kCover>)(p);
       return cudaGetLastError();
     });
   });
@@ -758,29 +761,26 @@ cudaError_t window_cross_attention_bwd_cuda(ElementType dtype, const WcaShape& s
       p.key_tiles = plan.key_tiles;
 
       const int64_t rows = shape.windows * shape.heads * shape.tokens;
-      wca_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kReduceWarps)), kReduceWarps * kWarpSize, 0,
-                            stream>>>(p.dout, static_cast<const T*>(out), p.delta, rows, p.dim);
+      LLDIF_LAUNCH(static_cast<unsigned>(ceil_div(rows, kReduceWarps)), kReduceWarps * kWarpSize, 0, stream,
+                   wca_delta_kernel<T>)(p.dout, static_cast<const T*>(out), p.delta, rows, p.dim);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       p.table_staged = plan.dkdv_table_staged;
       if ((err = allow_dynamic_shared(wca_dkdv_kernel<T, kCover>, plan.dkdv_dynamic)) != cudaSuccess) return err;
-      wca_dkdv_kernel<T, kCover>
-          <<<dim3(static_cast<unsigned>(shape.windows * shape.heads), static_cast<unsigned>(plan.key_tiles)),
-             kThreads, plan.dkdv_dynamic, stream>>>(p);
+      LLDIF_LAUNCH(dim3(static_cast<unsigned>(shape.windows * shape.heads), static_cast<unsigned>(plan.key_tiles)),
+                   kThreads, plan.dkdv_dynamic, stream, wca_dkdv_kernel<T, kCover>)(p);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       if (dq != nullptr) {
         p.table_staged = plan.dq_table_staged;
-        wca_dq_kernel<T, kCover>
-            <<<dim3(static_cast<unsigned>(shape.query_windows * shape.heads),
-                    static_cast<unsigned>(ceil_div(shape.tokens, L::kRows))),
-               kThreads, plan.dq_dynamic, stream>>>(p);
+        LLDIF_LAUNCH(dim3(static_cast<unsigned>(shape.query_windows * shape.heads),
+                          static_cast<unsigned>(ceil_div(shape.tokens, L::kRows))),
+                     kThreads, plan.dq_dynamic, stream, wca_dq_kernel<T, kCover>)(p);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
 
-      wca_dtable_kernel<A><<<dim3(static_cast<unsigned>(ceil_div(p.table_rows, kWarpSize)),
-                                  static_cast<unsigned>(shape.heads)),
-                             kReduceWarps * kWarpSize, 0, stream>>>(
+      LLDIF_LAUNCH(dim3(static_cast<unsigned>(ceil_div(p.table_rows, kWarpSize)), static_cast<unsigned>(shape.heads)),
+                   kReduceWarps * kWarpSize, 0, stream, wca_dtable_kernel<A>)(
           p.partials, static_cast<A*>(dtable), shape.windows, shape.heads, plan.key_tiles, p.table_rows);
       return cudaGetLastError();
     });

@@ -5,17 +5,14 @@
 // cross as raw pointers.
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 #include "../common/window_cross_attention.h"
+#include "glue_device.h"
 #include "window_cross_attention_launch.h"
 
 namespace lldif_kernels {
@@ -24,7 +21,8 @@ namespace {
 // Runs before the CUDAGuard, which needs k on a CUDA device (the dispatcher picks CUDA if any argument is).
 // make_problem checks the dtype itself; this only maps it.
 ElementType checked_dtype(const at::Tensor& k) {
-  TORCH_CHECK_VALUE(k.is_cuda(), "window_cross_attention: k must be a CUDA tensor, got device ", k.device());
+  TORCH_CHECK_VALUE(glue::on_kernel_device(k), "window_cross_attention: k must be a ", glue::kDeviceName,
+                    " tensor, got device ", k.device());
   const at::ScalarType t = k.scalar_type();
   return t == at::kHalf ? ElementType::kFloat16
          : t == at::kBFloat16 ? ElementType::kBFloat16
@@ -58,14 +56,14 @@ std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& table,
                                                               int64_t window_size, double scale) {
   const ElementType dtype = checked_dtype(k);
-  c10::cuda::CUDAGuard guard(k.device());
+  glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p);
   at::Tensor out = at::empty(p.k.sizes(), p.k.options());
   at::Tensor lse = at::empty({p.windows, p.heads, p.tokens}, p.k.options().dtype(p.acc));
   check_launch(window_cross_attention_fwd_cuda(dtype, shape_of(p), p.q.const_data_ptr(), p.k.const_data_ptr(),
                                                p.v.const_data_ptr(), p.table.const_data_ptr(), out.data_ptr(),
-                                               lse.data_ptr(), scale, c10::cuda::getCurrentCUDAStream().stream()));
+                                               lse.data_ptr(), scale, glue::current_stream()));
   return {out, lse};
 }
 
@@ -73,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attentio
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
     const at::Tensor& out, const at::Tensor& lse, int64_t window_size, double scale, bool need_dq) {
   const ElementType dtype = checked_dtype(k);
-  c10::cuda::CUDAGuard guard(k.device());
+  glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p);
   const wca::Saved saved = wca::saved_tensors(dout, out, lse, p);
@@ -95,14 +93,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attentio
       dtype, shape, saved.dout.const_data_ptr(), p.q.const_data_ptr(), p.k.const_data_ptr(), p.v.const_data_ptr(),
       p.table.const_data_ptr(), saved.out.const_data_ptr(), saved.lse.const_data_ptr(),
       need_dq ? dq.data_ptr() : nullptr, dk.data_ptr(), dv.data_ptr(), dtable.data_ptr(), workspace.data_ptr(),
-      scale, c10::cuda::getCurrentCUDAStream().stream()));
+      scale, glue::current_stream()));
   return {dq, dk, dv, dtable};
 }
 
 }  // namespace
 }  // namespace lldif_kernels
 
-TORCH_LIBRARY_IMPL(lldif_native, CUDA, m) {
+LLDIF_CUDA_KERNELS_IMPL(m) {
   m.impl("window_cross_attention_fwd", TORCH_FN(lldif_kernels::window_cross_attention_fwd));
   m.impl("window_cross_attention_bwd", TORCH_FN(lldif_kernels::window_cross_attention_bwd));
 }

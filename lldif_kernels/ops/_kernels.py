@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from .. import dispatch
+
 
 def kernels(op: str, backend: str) -> tuple[Callable, Callable]:
     """(forward, backward) kernels of ``op`` on a fused backend, found by the names every op uses:
@@ -15,6 +17,8 @@ def kernels(op: str, backend: str) -> tuple[Callable, Callable]:
     if backend == "triton":
         module = importlib.import_module(f"lldif_kernels.triton.{op}")
         return getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
+    if backend == dispatch.EMULATED_CUDA:
+        return dispatch.emulated_cuda_kernels(op)
     native = torch.ops.lldif_native
     return getattr(native, f"{op}_fwd"), getattr(native, f"{op}_bwd")
 
@@ -39,7 +43,7 @@ def check_tensor(name: str, t: object, like: tuple[str, torch.Tensor] | None = N
 def kernel_limit_reasons(op: str, backend: str, dim: int, cuda_max_dim: int, *shape: int) -> list[str]:
     """Why ``op``'s kernels on ``backend`` cannot serve a shape, beyond the dispatcher's availability, device
     and dtype checks: the CUDA kernels' head-dimension limit, or the Triton module's ``limit_reasons(*shape)``."""
-    if backend == "cuda" and dim > cuda_max_dim:
+    if backend in ("cuda", dispatch.EMULATED_CUDA) and dim > cuda_max_dim:
         return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {cuda_max_dim}"]
     if backend != "triton":
         return []

@@ -58,6 +58,14 @@ def _norm(squares, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _clamped_norm(squares, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """F.normalize's clamp_min(norm, eps), which keeps a NaN norm NaN (tl.maximum would return eps). EPS as a
+    typed constant: a float argument would be float32 even for float64 inputs."""
+    norm = _norm(squares, ACC_DTYPE)
+    return tl.where(norm < EPS, tl.full(norm.shape, EPS, ACC_DTYPE), norm)
+
+
+@triton.jit
 def _attention(cosine, temperature, rows, cols, D):
     """softmax_j(temperature * cosine), rows and columns past D zero (and out of every row's softmax)."""
     scores = tl.where((cols < D)[None, :], temperature * cosine, float("-inf"))
@@ -123,8 +131,7 @@ def _cha_fwd_softmax_kernel(
     for split in range(0, splits):
         partial = pair * splits + split
         k_squares += tl.load(sumsq_partial_ptr + ((2 * partial + 1) * D + cols), mask=col_mask, other=0.0)
-    # EPS as a typed constant: a float argument would be float32 even for float64 inputs.
-    k_norm = tl.maximum(_norm(k_squares, ACC_DTYPE), tl.full((BLOCK_D,), EPS, ACC_DTYPE))
+    k_norm = _clamped_norm(k_squares, EPS, ACC_DTYPE)
     tl.store(k_norm_ptr + (pair * D + cols), k_norm, mask=col_mask)
     temperature = tl.load(temperature_ptr + pair % heads)
 
@@ -140,7 +147,7 @@ def _cha_fwd_softmax_kernel(
             partial = pair * splits + split
             gram += tl.load(gram_partial_ptr + (partial * D * D + block), mask=mask, other=0.0)
             q_squares += tl.load(sumsq_partial_ptr + (2 * partial * D + rows), mask=row_mask, other=0.0)
-        q_norm = tl.maximum(_norm(q_squares, ACC_DTYPE), tl.full((BLOCK_R,), EPS, ACC_DTYPE))
+        q_norm = _clamped_norm(q_squares, EPS, ACC_DTYPE)
         cosine = gram / (q_norm[:, None] * k_norm[None, :])
         tl.store(cosine_ptr + (pair * D * D + block), cosine, mask=mask)
         tl.store(q_norm_ptr + (pair * D + rows), q_norm, mask=row_mask)
