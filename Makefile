@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 BENCH_FLAGS := --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=2 -p no:cacheprovider
 
-.PHONY: test test-install demo lint compile-check bench gpu-check profile clean
+.PHONY: test test-install test-cuda-asan demo lint compile-check bench gpu-check profile clean
 
 # The environment: torch first, pinned (the extensions build against it, without build isolation);
 # installing the project builds the extensions, so the build stamp is fresh too.
@@ -26,6 +26,14 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests
+
+# The CUDA kernels' tests on their host emulation (tests/cuda_host) rebuilt with AddressSanitizer. Python is
+# not instrumented, so the runtime (and the libstdc++ whose throws it intercepts) is preloaded; --capture=sys
+# lets a report written to fd 2 reach the log when ASan ends the process.
+ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+test-cuda-asan: $(VENV)/.built
+	LLDIF_CUDA_EMULATION=asan ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(ASAN_PRELOAD)" \
+		$(PY) -m pytest tests -k "cuda-emulated or emulator" --capture=sys -p no:cacheprovider
 
 # `pip install -e .` and `pip install .` as written, in a new venv with the pinned torch (slow: a CI step).
 test-install: $(VENV)/.installed

@@ -3,6 +3,11 @@ launch and misuse checks; the op kernels themselves run on it in the op test fil
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from cuda_host import backend
@@ -104,3 +109,21 @@ def test_window_attention_backward_with_little_shared_memory(emulator, optin):
         emulator.set_shared_memory_optin(227 * 1024)
     for name, g, w in zip(("dq", "dk", "dv", "dtable"), got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize(("where", "report"), [
+    ("shared", "global-buffer-overflow"),  # a __shared__ array is a static in the host build
+    ("dynamic_shared", "heap-buffer-overflow"),
+    ("global", "heap-buffer-overflow"),
+])
+def test_asan_build_reports_out_of_bounds_accesses(where, report):
+    """In the AddressSanitizer build (make test-cuda-asan) a kernel reading or writing one element past a shared
+    array, the dynamic shared memory or a buffer ends the process with ASan's report."""
+    if backend.variant() != "asan":
+        pytest.skip(f"needs the AddressSanitizer build ({backend.ENV_VAR}=asan, make test-cuda-asan)")
+    tests = Path(__file__).parent
+    script = f"import sys; sys.path.insert(0, {str(tests)!r}); from cuda_host import backend; " \
+             f"backend.build('asan').overflow({where!r})"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ,
+                           timeout=600)
+    assert child.returncode != 0 and f"AddressSanitizer: {report}" in child.stderr, child.stderr[-2000:]

@@ -592,7 +592,8 @@ cudaError_t launch_apply(const ChaShape& s, const ApplyJobs<T>& jobs, int job_co
   const int64_t tiles = position_tiles<Acc<T>>(s.positions);
   const dim3 grid(static_cast<unsigned>(s.batch * s.heads * tiles), static_cast<unsigned>(job_count));
   return with_cover(s.dim, [&](auto cover) {
-    LLDIF_LAUNCH(grid, kThreads, 0, stream, apply_coefficients_kernel<T, decltype(cover)::value>)(jobs, static_cast<int>(s.dim), s.heads, s.positions, tiles);
+    LLDIF_LAUNCH(grid, kThreads, 0, stream, apply_coefficients_kernel<T, decltype(cover)::value>)(
+        jobs, static_cast<int>(s.dim), s.heads, s.positions, tiles);
     return cudaGetLastError();
   });
 }

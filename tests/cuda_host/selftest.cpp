@@ -82,6 +82,23 @@ __global__ void exited_lane_kernel(int* out) {
 
 __global__ void noop_kernel(int*) {}
 
+// Out-of-bounds accesses that only AddressSanitizer reports (the last thread reads one element too far).
+__global__ void shared_overflow_kernel(int* out) {
+  __shared__ int values[32];
+  values[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = values[threadIdx.x + 1];
+}
+
+__global__ void dynamic_shared_overflow_kernel(int* out) {
+  int* values = reinterpret_cast<int*>(selftest_dynamic_shared);
+  values[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = values[threadIdx.x + 1];
+}
+
+__global__ void global_overflow_kernel(int* out) { out[threadIdx.x + 1] = 1; }
+
 std::string last_error() {
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? "" : cudaGetErrorString(error);
@@ -133,5 +150,19 @@ void add_selftests(pybind11::module& module) {
       return error;
     }
     throw std::invalid_argument("unknown case " + what);
+  });
+  // An out-of-bounds access by 32 threads: of a __shared__ array, of the dynamic shared memory, or of a heap
+  // buffer (as a tensor is). Undefined without ASan; tests call it only in the ASan build.
+  module.def("overflow", [](const std::string& where) {
+    std::vector<int> out(32);
+    if (where == "shared") {
+      LLDIF_LAUNCH(1, 32, 0, nullptr, shared_overflow_kernel)(out.data());
+    } else if (where == "dynamic_shared") {
+      LLDIF_LAUNCH(1, 32, 32 * sizeof(int), nullptr, dynamic_shared_overflow_kernel)(out.data());
+    } else if (where == "global") {
+      LLDIF_LAUNCH(1, 32, 0, nullptr, global_overflow_kernel)(out.data());
+    } else {
+      throw std::invalid_argument("unknown case " + where);
+    }
   });
 }
