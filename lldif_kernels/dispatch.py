@@ -95,18 +95,18 @@ def not_supported_reasons(
     """Why ``backend`` cannot serve tensors of these dtypes on ``device`` (empty when it can)."""
     if backend == "reference":
         return []
-    if backend == EMULATED_CUDA:
-        return _emulated_cuda_reasons(device, dtypes, op_reasons)
     reasons = []
     unavailable = {
         "cpp": _extension.CPP_UNAVAILABLE,
         "cuda": _extension.CUDA_UNAVAILABLE,
         "triton": _TRITON_MISSING,
+        EMULATED_CUDA: None if _emulated_cuda else "the host emulation of the CUDA kernels is test "
+                                                   "infrastructure: only the tests serve it (tests/cuda_host)",
     }[backend]
     if unavailable:
         reasons.append(unavailable)
-    if backend == "cpp" and device.type != "cpu":
-        reasons.append(f"the cpp backend serves CPU tensors, these are on {device}")
+    if backend in ("cpp", EMULATED_CUDA) and device.type != "cpu":
+        reasons.append(f"the {backend} backend serves CPU tensors, these are on {device}")
     if backend == "cuda" and device.type != "cuda":
         reasons.append(f"the cuda backend serves CUDA tensors, these are on {device}")
     if backend == "triton" and device.type == "cpu" and not _TRITON_INTERPRET:
@@ -118,19 +118,6 @@ def not_supported_reasons(
         reasons.append(f"dtype {', '.join(bad_dtypes)} is not one of float32, float16, bfloat16, float64")
     if op_reasons is not None:
         reasons.extend(op_reasons(backend))
-    return reasons
-
-
-def _emulated_cuda_reasons(device: torch.device, dtypes: Sequence[torch.dtype],
-                           op_reasons: OpReasons | None) -> list[str]:
-    reasons = [] if _emulated_cuda else ["the host emulation of the CUDA kernels is test infrastructure: only "
-                                         "the tests serve it (tests/cuda_host)"]
-    if device.type != "cpu":
-        reasons.append(f"the {EMULATED_CUDA} backend serves CPU tensors, these are on {device}")
-    reasons += [f"dtype {dtype} is not one of float32, float16, bfloat16, float64" for dtype in
-                sorted({str(d) for d in dtypes if d not in DTYPES})]
-    if op_reasons is not None:
-        reasons.extend(op_reasons(EMULATED_CUDA))
     return reasons
 
 

@@ -23,6 +23,16 @@ def emulator():
     return backend.build(backend.variant())
 
 
+def test_the_emulated_backend_is_for_the_tests_only(monkeypatch):
+    assert dispatch.EMULATED_CUDA not in dispatch.explain() and dispatch.EMULATED_CUDA not in dispatch.BACKENDS
+    monkeypatch.setattr(dispatch, "_emulated_cuda", None)
+    x, scale = torch.randn(1, 4, 2, 2), torch.ones(1, 4)
+    with pytest.raises(dispatch.BackendNotSupportedError, match="only the tests serve it"):
+        lldif_kernels.modulated_layer_norm(x, scale, scale, backend=dispatch.EMULATED_CUDA)
+    reasons = dispatch.not_supported_reasons(dispatch.EMULATED_CUDA, torch.device("meta"), [torch.float32])
+    assert "the cuda_emulated backend serves CPU tensors, these are on meta" in reasons
+
+
 def test_warp_shuffles_follow_cuda_semantics(emulator):
     out = emulator.shuffles()
     for thread in range(64):
