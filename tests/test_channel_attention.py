@@ -169,6 +169,8 @@ def test_extreme_inputs_stay_finite(backend, device, dtype, case):
         assert out[want.to(out.dtype).isfinite()].isfinite().all()
 
 
+# The interpreter's numpy softmax of the NaN row warns; the kernel's result is what is checked.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_nan_stays_in_its_row(backend, device):
     """A NaN in row i of q makes that row's norm, cosine row and output row NaN, as F.normalize does (its clamp
