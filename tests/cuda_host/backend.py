@@ -26,7 +26,7 @@ ROOT = HERE.parents[1]
 ENV_VAR = "LLDIF_CUDA_EMULATION"
 FLAGS = {
     "plain": ["-O2"],
-    "asan": ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"],
+    "asan": ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],  # -g: reports name file and line
 }
 
 
