@@ -13,15 +13,17 @@ if not torch.cuda.is_available():
 _EMULATOR = pytest.StashKey()
 
 
-def pytest_collection_modifyitems(config, items) -> None:
+def pytest_collection_finish(session) -> None:
+    """Builds and serves the emulation when a selected test runs on it (after -m / -k deselection, so that
+    `pytest -m cuda` on a GPU machine does not build it)."""
     from cuda_host import backend
 
     from lldif_kernels import dispatch
 
     wanted = any(getattr(item, "callspec", None) and item.callspec.params.get("backend") == dispatch.EMULATED_CUDA
-                 for item in items)
+                 for item in session.items)
     if wanted and backend.variant() != "off":
-        config.stash[_EMULATOR] = backend.serve(backend.variant())
+        session.config.stash[_EMULATOR] = backend.serve(backend.variant())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -32,7 +34,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if emulator is None or not emulator.launch_count():
         return
     ran, missed = backend.kernel_coverage(emulator)
+    listed = config.getoption("verbose") > 0
     terminalreporter.write_line(f"CUDA kernels run on the host emulation: {len(ran)} of {len(ran) + len(missed)} "
-                                f"instantiations ({emulator.launch_count()} launches)")
-    for name in missed:
+                                f"instantiations ({emulator.launch_count()} launches)"
+                                + ("" if listed or not missed else "; -v lists the others"))
+    for name in missed if listed else ():
         terminalreporter.write_line(f"  not run: {name}")
