@@ -111,12 +111,13 @@ def test_window_attention_backward_with_little_shared_memory(emulator, optin):
     grad = torch.randn(2, 2, 49, 16, generator=generator, dtype=torch.float64)
     inputs = (q, k, v, table)
     want = torch.autograd.grad(reference.window_cross_attention(*inputs, 7), inputs, grad)
+    device_optin = emulator.shared_memory_optin()
     emulator.set_shared_memory_optin(optin)
     try:
         out = lldif_kernels.window_cross_attention(*inputs, 7, backend=dispatch.EMULATED_CUDA)
         got = torch.autograd.grad(out, inputs, grad)
     finally:
-        emulator.set_shared_memory_optin(227 * 1024)
+        emulator.set_shared_memory_optin(device_optin)
     for name, g, w in zip(("dq", "dk", "dv", "dtable"), got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 

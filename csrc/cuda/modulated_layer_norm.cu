@@ -354,8 +354,8 @@ cudaError_t modulated_layer_norm_fwd_cuda(ElementType dtype, const void* x, cons
     const auto kernel =
         channels_inner ? modulated_layer_norm_fwd_kernel<T, true> : modulated_layer_norm_fwd_kernel<T, false>;
     LLDIF_LAUNCH(plan.grid, plan.block, 0, stream, kernel)(static_cast<const T*>(x), static_cast<const A*>(a),
-                                                 static_cast<const A*>(e), static_cast<T*>(y), plan.C,
-                                                 positions, plan.tiles, A(eps), bias_free);
+                                                           static_cast<const A*>(e), static_cast<T*>(y), plan.C,
+                                                           positions, plan.tiles, A(eps), bias_free);
   });
 }
 
@@ -371,9 +371,9 @@ cudaError_t modulated_layer_norm_bwd_cuda(ElementType dtype, const void* dy, con
     const auto kernel =
         channels_inner ? modulated_layer_norm_bwd_kernel<T, true> : modulated_layer_norm_bwd_kernel<T, false>;
     LLDIF_LAUNCH(plan.grid, plan.block, 0, stream, kernel)(static_cast<const T*>(dy), static_cast<const T*>(x),
-                                                 static_cast<const A*>(a), static_cast<T*>(dx),
-                                                 static_cast<A*>(da_partials), static_cast<A*>(de_partials),
-                                                 plan.C, positions, plan.tiles, A(eps), bias_free);
+                                                           static_cast<const A*>(a), static_cast<T*>(dx),
+                                                           static_cast<A*>(da_partials), static_cast<A*>(de_partials),
+                                                           plan.C, positions, plan.tiles, A(eps), bias_free);
   });
 }
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENV_VAR = "LLDIF_CUDA_EMULATION"
 FLAGS = {
-    "plain": ["-O2"],
+    "plain": ["-O2", "-g0"],
     "asan": ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],  # -g: reports name file and line
 }
 
@@ -59,7 +59,7 @@ def build(name: str) -> ModuleType:
         units.append(unit)
     sources = [HERE / "cuda_host.cpp", HERE / "emulated_ops.cpp", HERE / "selftest.cpp",
                *sorted((ROOT / "csrc" / "cuda").glob("*_glue.cpp")), *units]
-    flags = ["-DLLDIF_CUDA_HOST", "-g0", "-Wno-unknown-pragmas", *FLAGS[name]]
+    flags = ["-DLLDIF_CUDA_HOST", "-Wno-unknown-pragmas", *FLAGS[name]]
     return cpp_extension.load(
         name=f"lldif_cuda_emulated_{name}", sources=[str(s) for s in sources], extra_cflags=flags,
         extra_ldflags=[f for f in FLAGS[name] if f.startswith("-fsanitize")],
