@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .ops.channel_attention import channel_attention_qkv
+from .ops.depthwise_conv3x3 import depthwise_conv3x3
 from .ops.modulated_layer_norm import modulated_layer_norm
 from .ops.window_cross_attention import window_cross_attention
 from .reference import relative_position_index
@@ -89,11 +90,36 @@ class TransposedAttention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_dwconv(self.qkv(x))
+        qkv = depthwise_conv3x3(self.qkv(x), self.qkv_dwconv.weight, self.qkv_dwconv.bias, backend=self.backend)
         return self.project_out(channel_attention_qkv(qkv, self.temperature, self.heads, backend=self.backend))
 
     def extra_repr(self) -> str:
         return f"dim={self.project_out.in_channels}, heads={self.heads}"
+
+
+class GatedDepthwiseFeedForward(nn.Module):
+    """Restormer's gated depth-wise feed-forward network (LLDif's DGNet, Eq. 4) on the fused op.
+
+    A 1x1 conv to ``2 * hidden`` channels, the 3x3 depth-wise conv and the GELU gate in one op
+    (``gelu(first half) * second half``), and a 1x1 conv back to ``dim``, ``hidden = int(dim * ffn_expansion)``.
+    Parameter names and shapes are those of Restormer's ``FeedForward`` (``project_in``, ``dwconv``,
+    ``project_out``), and so is its constructor's ``(dim, ffn_expansion_factor, bias)``.
+    """
+
+    def __init__(self, dim: int, ffn_expansion: float, bias: bool = False, backend: str | None = None) -> None:
+        super().__init__()
+        hidden = int(dim * ffn_expansion)
+        if hidden < 1:
+            raise ValueError(f"dim * ffn_expansion must be >= 1, got dim={dim}, ffn_expansion={ffn_expansion}")
+        self.backend = backend
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = depthwise_conv3x3(self.project_in(x), self.dwconv.weight, self.dwconv.bias, gate=True,
+                                   backend=self.backend)
+        return self.project_out(hidden)
 
 
 class WindowCrossAttention(nn.Module):

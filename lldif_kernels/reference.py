@@ -7,6 +7,7 @@ measure what a user of DiffIR / Restormer / POSTER++ would actually gain.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def modulated_layer_norm(
@@ -38,8 +39,8 @@ def modulated_layer_norm(
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """softmax_j(τ_h q̂_i·k̂_j) v for (B, heads, d, N) q, k, v, Restormer-style (normalise, matmul, softmax)."""
-    q = torch.nn.functional.normalize(q, dim=-1)
-    k = torch.nn.functional.normalize(k, dim=-1)
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
     attention = (q @ k.transpose(-2, -1)) * temperature.reshape(-1, 1, 1).to(q.dtype)
     return attention.softmax(dim=-1) @ v
 
@@ -77,3 +78,15 @@ def window_cross_attention(
     q = q.reshape(q.shape[0], 1, heads, tokens, dim).expand(-1, windows // max(q.shape[0], 1), -1, -1, -1)
     attention = (q * scale).reshape(windows, heads, tokens, dim) @ k.transpose(-2, -1) + bias
     return attention.softmax(dim=-1) @ v
+
+
+def depthwise_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gate: bool = False
+) -> torch.Tensor:
+    """Restormer's 3x3 depth-wise convolution (padding 1); with ``gate``, its feed-forward gate on the result,
+    ``gelu(y[:, :C/2]) * y[:, C/2:]`` (exact GELU)."""
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1, groups=x.shape[1])
+    if not gate:
+        return y
+    gate_half, value = y.chunk(2, dim=1)
+    return F.gelu(gate_half) * value

@@ -8,28 +8,12 @@ DiffIR's ``attn.kernel.0`` maps to ``norm1.kernel`` and ``ffn.kernel.0`` to ``no
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lldif.models.config import DTNetConfig
-from lldif_kernels.nn import MODULATIONS, ModulatedLayerNorm, TransposedAttention
+from lldif_kernels.nn import MODULATIONS, GatedDepthwiseFeedForward, ModulatedLayerNorm, TransposedAttention
 
 TAPS = ("decoder", "encoder")
-
-
-class GatedDepthwiseFeedForward(nn.Module):
-    """Restormer's gated depth-wise feed-forward network (LLDif's DGNet, Eq. 4)."""
-
-    def __init__(self, dim: int, ffn_expansion: float, bias: bool = False) -> None:
-        super().__init__()
-        hidden = int(dim * ffn_expansion)
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
-        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
-        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(gate) * value)
 
 
 class TransformerBlock(nn.Module):
@@ -45,7 +29,7 @@ class TransformerBlock(nn.Module):
         self.attn = TransposedAttention(dim, heads, bias=bias, backend=backend)
         self.norm2 = ModulatedLayerNorm(dim, prior_dim, bias_free=bias_free_norm, backend=backend,
                                         modulation=modulation)
-        self.ffn = GatedDepthwiseFeedForward(dim, ffn_expansion, bias=bias)
+        self.ffn = GatedDepthwiseFeedForward(dim, ffn_expansion, bias=bias, backend=backend)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x, z))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lldif_kernels.nn import ModulatedLayerNorm, TransposedAttention, WindowCrossAttention
+from lldif_kernels.nn import GatedDepthwiseFeedForward, ModulatedLayerNorm, TransposedAttention, WindowCrossAttention
 from lldif_kernels.profiling import nvtx_range
 
 from ..data.face_layout import five_from_68, mean_shape
@@ -293,7 +293,8 @@ class LLDif(nn.Module):
         choice of `lldif_kernels.use_backend` / LLDIF_BACKEND / automatic)."""
         self.config.backend = backend
         for module in self.modules():
-            if isinstance(module, ModulatedLayerNorm | TransposedAttention | WindowCrossAttention):
+            if isinstance(module, ModulatedLayerNorm | TransposedAttention | GatedDepthwiseFeedForward
+                          | WindowCrossAttention):
                 module.backend = backend
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import lldif_kernels
 from lldif.models.config import lldif_base, lldif_tiny
-from lldif.models.dtnet import DTNet, GatedDepthwiseFeedForward, TransformerBlock
-from lldif_kernels.nn import ModulatedLayerNorm
+from lldif.models.dtnet import DTNet, TransformerBlock
+from lldif_kernels.nn import GatedDepthwiseFeedForward, ModulatedLayerNorm
 
 
 def _model(config, seed: int = 0, **overrides) -> DTNet:
