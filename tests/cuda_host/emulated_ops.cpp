@@ -7,12 +7,15 @@
 #include <cuda_host.h>
 
 #include "../../csrc/common/channel_attention.h"
+#include "../../csrc/common/depthwise_conv3x3.h"
 #include "../../csrc/common/modulated_layer_norm.h"
 #include "../../csrc/common/window_cross_attention.h"
 
 TORCH_LIBRARY(lldif_cuda_emulated, m) {
   m.def(lldif_kernels::cha::kForwardSchema);
   m.def(lldif_kernels::cha::kBackwardSchema);
+  m.def(lldif_kernels::dwc::kForwardSchema);
+  m.def(lldif_kernels::dwc::kBackwardSchema);
   m.def(lldif_kernels::mln::kForwardSchema);
   m.def(lldif_kernels::mln::kBackwardSchema);
   m.def(lldif_kernels::wca::kForwardSchema);
