@@ -82,7 +82,7 @@ if BUILD_CUDA:
             sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
             include_dirs=include_dirs,
             library_dirs=library_dirs,
-            extra_compile_args={"cxx": OPT_FLAGS, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": OPT_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
         )
     )
 

@@ -278,6 +278,17 @@ def test_head_dim_limits_are_reasons_not_crashes(backend):
     assert any("d=129" in reason for reason in op_reasons(backend, 1, 1, 4, 129))
 
 
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "cuda" in p.id and "triton" not in p.id])
+def test_cuda_grid_rows_limit_is_a_clear_error(backend, device):
+    """A window of 1449² tokens needs 65,613 tiles of 32 query rows: one past the y dimension of a CUDA grid."""
+    skip_unless_serves(backend, device, torch.float16)
+    window_size = 1449
+    q = torch.empty(1, 1, window_size**2, 32, dtype=torch.float16, device=device)  # never read: pages stay untouched
+    table = torch.zeros((2 * window_size - 1) ** 2, 1, device=device)
+    with pytest.raises(ValueError, match="65613 row tiles on the y dimension of the CUDA kernels' grid"):
+        lldif_kernels.window_cross_attention(q, q, q, table, window_size, backend=backend)
+
+
 @pytest.mark.parametrize("qkv_bias", [True, False])
 @pytest.mark.parametrize(("dim", "heads", "window_size", "windows_per_image"), [(64, 2, 7, 1), (32, 4, 3, 4)])
 def test_module_loads_poster_state_dict_and_matches(qkv_bias, dim, heads, window_size, windows_per_image):

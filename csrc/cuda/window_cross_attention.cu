@@ -683,8 +683,20 @@ cudaError_t allow_dynamic_shared(Kernel kernel, size_t dynamic_bytes) {
 }  // namespace
 
 // The kernels' limits, checked by the glue: d <= max_dim; windows · heads within INT32_MAX (x dimension of
-// the grid); M within int.
+// the grid); M within int; row_tiles within the grid's y dimension.
 int64_t window_cross_attention_max_dim() { return kMaxDim; }
+
+// Tiles of rows (queries in fwd and dq, keys in dkdv) of one (window, head): the y dimension of their grids.
+int64_t window_cross_attention_row_tiles(ElementType dtype, int64_t dim, int64_t tokens) {
+  int64_t tiles = -1;
+  with_element_type(dtype, [&](auto element) {
+    return with_cover(dim, [&](auto cover) {
+      tiles = ceil_div(tokens, Layout<Acc<decltype(element)>, decltype(cover)::value>::kRows);
+      return cudaSuccess;
+    });
+  });
+  return tiles;
+}
 
 // Elements (of the accumulation type) of the backward's workspace; 0 for an empty problem. Call on the
 // device that will run the backward.

@@ -37,15 +37,21 @@ WcaShape shape_of(const wca::Problem& p) {
 }
 
 // The kernels keep a row's channels in registers (d <= max_dim), index tokens and table rows with int, put
-// windows · heads on the x dimension of the grid and heads on the y dimension of the dtable reduction.
-void check_kernel_limits(const wca::Problem& p) {
+// windows · heads on the x dimension of the grid, tiles of a window's rows on its y dimension, and heads on the
+// y dimension of the dtable reduction.
+void check_kernel_limits(const wca::Problem& p, ElementType dtype) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  constexpr int64_t kGridYMax = 65535;
   TORCH_CHECK_VALUE(p.dim <= window_cross_attention_max_dim(), "window_cross_attention: d=", p.dim,
                     " channels per head; the CUDA kernels take at most ", window_cross_attention_max_dim());
   TORCH_CHECK_VALUE(p.windows * p.heads <= kIntMax && p.windows * p.heads * p.tokens / 8 < kIntMax &&
-                        wca::table_rows(p.window_size) <= kIntMax && p.heads <= 65535,
+                        wca::table_rows(p.window_size) <= kIntMax && p.heads <= kGridYMax,
                     "window_cross_attention: W=", p.windows, ", heads=", p.heads, " and window_size=",
                     p.window_size, " exceed the CUDA kernels' grid limits");
+  const int64_t row_tiles = window_cross_attention_row_tiles(dtype, p.dim, p.tokens);
+  TORCH_CHECK_VALUE(row_tiles <= kGridYMax, "window_cross_attention: M=", p.tokens, " tokens per window (window_size=",
+                    p.window_size, ") make ", row_tiles, " row tiles on the y dimension of the CUDA kernels' grid, "
+                    "which allows at most ", kGridYMax);
 }
 
 void check_launch(cudaError_t err) {
@@ -58,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& 
   const ElementType dtype = checked_dtype(k);
   glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
-  check_kernel_limits(p);
+  check_kernel_limits(p, dtype);
   at::Tensor out = at::empty(p.k.sizes(), p.k.options());
   at::Tensor lse = at::empty({p.windows, p.heads, p.tokens}, p.k.options().dtype(p.acc));
   check_launch(window_cross_attention_fwd_cuda(dtype, shape_of(p), p.q.const_data_ptr(), p.k.const_data_ptr(),
@@ -73,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attentio
   const ElementType dtype = checked_dtype(k);
   glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
-  check_kernel_limits(p);
+  check_kernel_limits(p, dtype);
   const wca::Saved saved = wca::saved_tensors(dout, out, lse, p);
   at::Tensor dq = need_dq ? at::empty(p.q.sizes(), p.q.options()) : at::empty({0}, p.q.options());
   at::Tensor dk = at::empty(p.k.sizes(), p.k.options());

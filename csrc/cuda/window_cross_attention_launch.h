@@ -21,6 +21,7 @@ struct WcaShape {
 };
 
 int64_t window_cross_attention_max_dim();
+int64_t window_cross_attention_row_tiles(ElementType dtype, int64_t dim, int64_t tokens);
 int64_t window_cross_attention_workspace_elems(ElementType dtype, const WcaShape& shape);
 cudaError_t window_cross_attention_fwd_cuda(ElementType dtype, const WcaShape& shape, const void* q, const void* k,
                                             const void* v, const void* table, void* out, void* lse, double scale,
