@@ -116,57 +116,74 @@ int units(const dwc::Problem& p) { return p.gate ? 2 : 1; }
 
 // --- planar ----------------------------------------------------------------------------------------------------
 
-// A (H + 2) x (W + 2) plane with a zero border: the stencil's padding.
+// A (H + 2) x (W + 2) plane with a zero border, the stencil's padding, plus one spare element before and after:
+// the stencils run over whole padded rows (border columns included, their results discarded), so that short
+// image rows make one long vector loop instead of many short ones, and their corner taps reach one element
+// past the border.
 template <typename acc_t>
 struct PaddedPlane {
   int64_t height, width, stride;
   std::vector<acc_t> data;
 
-  PaddedPlane(int64_t h, int64_t w) : height(h), width(w), stride(w + 2), data((h + 2) * (w + 2), acc_t(0)) {}
-  acc_t* row(int64_t padded_row) { return data.data() + padded_row * stride + 1; }  // row r is padded row r + 1
+  PaddedPlane(int64_t h, int64_t w) : height(h), width(w), stride(w + 2), data((h + 2) * (w + 2) + 2, acc_t(0)) {}
+  acc_t* row(int64_t r) { return data.data() + 1 + (r + 1) * stride + 1; }  // image row r, column 0
+  acc_t* padded_rows(int64_t r) { return row(r) - 1; }                     // from image row r's left border
 
   template <typename scalar_t>
   void fill(const scalar_t* plane) {
-    for (int64_t h = 0; h < height; ++h) widen(plane + h * width, row(h + 1), width);
+    for (int64_t h = 0; h < height; ++h) widen(plane + h * width, row(h), width);
   }
 };
 
-// out[w] = bias + sum over taps of k[3i + j] * in row (h + i - 1), column (w + j - 1), for one output row.
+// out[q] = bias + sum over taps k[3i + j] * in[q + (i - 1) * stride + j - 1] for n consecutive padded positions
+// starting at `in` (flipped: in[q - (i - 1) * stride - (j - 1)], the transposed stencil).
 template <typename acc_t>
-void stencil_row(PaddedPlane<acc_t>& in, const acc_t* k, acc_t bias, int64_t h, acc_t* out, bool flipped) {
-  const int64_t width = in.width;
-  for (int64_t w = 0; w < width; ++w) out[w] = bias;
-  for (int i = 0; i < 3; ++i) {
-    // Correlation reads rows h - 1 .. h + 1; its transpose (flipped) reads them in reverse tap order.
-    const acc_t* src = in.row(flipped ? h + 2 - i : h + i) - 1;
-    const acc_t* taps = k + 3 * i;
-    const acc_t k0 = taps[flipped ? 2 : 0], k1 = taps[1], k2 = taps[flipped ? 0 : 2];
+void stencil(const acc_t* in, int64_t stride, const acc_t* k, acc_t bias, bool flipped, acc_t* out, int64_t n) {
+  acc_t taps[kTaps];
+  for (int t = 0; t < kTaps; ++t) taps[t] = k[flipped ? kTaps - 1 - t : t];
+  const acc_t* above = in - stride - 1;
+  const acc_t* level = in - 1;
+  const acc_t* below = in + stride - 1;
 #pragma omp simd
-    for (int64_t w = 0; w < width; ++w) out[w] += k0 * src[w] + k1 * src[w + 1] + k2 * src[w + 2];
+  for (int64_t q = 0; q < n; ++q) {
+    out[q] = bias + taps[0] * above[q] + taps[1] * above[q + 1] + taps[2] * above[q + 2] + taps[3] * level[q] +
+             taps[4] * level[q + 1] + taps[5] * level[q + 2] + taps[6] * below[q] + taps[7] * below[q + 1] +
+             taps[8] * below[q + 2];
   }
 }
+
+// Rows of a padded buffer (stride W + 2, from the left border) to an image plane, borders dropped.
+template <typename scalar_t, typename acc_t>
+void narrow_rows(const acc_t* padded, int64_t rows, int64_t width, scalar_t* plane) {
+  for (int64_t h = 0; h < rows; ++h) narrow(padded + h * (width + 2) + 1, plane + h * width, width);
+}
+
+// Forward bands of rows keep the y buffers in L1/L2 on large planes.
+constexpr int64_t kForwardBandElements = 4096;
 
 template <typename scalar_t>
 void forward_planar(const dwc::Problem& p, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t half = p.out_channels(), plane = p.height * p.width;
+  const int64_t half = p.out_channels(), plane = p.height * p.width, stride = p.width + 2;
+  const int64_t band = std::clamp<int64_t>(kForwardBandElements / stride, 1, std::max<int64_t>(p.height, 1));
   const acc_t* k = weight.data_ptr<acc_t>();
   const acc_t* b = bias.data_ptr<acc_t>();
   const scalar_t* x = p.x.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   at::parallel_for(0, p.batch * half, 1, [&](int64_t begin, int64_t end) {
     std::vector<PaddedPlane<acc_t>> planes(units(p), PaddedPlane<acc_t>(p.height, p.width));
-    std::vector<acc_t> rows(2 * p.width);
+    std::vector<acc_t> ys(2 * band * stride);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / half, c = task % half;
       for (int u = 0; u < units(p); ++u) planes[u].fill(x + (sample * p.channels + c + u * half) * plane);
-      for (int64_t h = 0; h < p.height; ++h) {
+      for (int64_t h0 = 0; h0 < p.height; h0 += band) {
+        const int64_t n = std::min(band, p.height - h0) * stride;
         for (int u = 0; u < units(p); ++u) {
           const int64_t channel = c + u * half;
-          stencil_row(planes[u], k + kTaps * channel, b[channel], h, rows.data() + u * p.width, false);
+          stencil(planes[u].padded_rows(h0), stride, k + kTaps * channel, b[channel], false, ys.data() + u * n, n);
         }
-        if (p.gate) gate_forward(rows.data(), rows.data() + p.width, rows.data(), p.width);
-        narrow(rows.data(), y + (sample * half + c) * plane + h * p.width, p.width);
+        if (p.gate) gate_forward(ys.data(), ys.data() + n, ys.data(), n);
+        narrow_rows(ys.data(), n / stride, p.width, y + (sample * half + c) * plane + h0 * p.width);
       }
     }
   });
@@ -176,7 +193,8 @@ template <typename scalar_t>
 void backward_planar(const dwc::Problem& p, const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& bias,
                      at::Tensor& dx, at::Tensor& partials) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t half = p.out_channels(), plane = p.height * p.width, width = p.width;
+  const int64_t half = p.out_channels(), plane = p.height * p.width, width = p.width, stride = width + 2;
+  const int64_t n = p.height * stride;  // padded positions of the image rows
   const acc_t* k = weight.data_ptr<acc_t>();
   const acc_t* b = bias.data_ptr<acc_t>();
   const scalar_t* x = p.x.data_ptr<scalar_t>();
@@ -184,44 +202,48 @@ void backward_planar(const dwc::Problem& p, const at::Tensor& dy, const at::Tens
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   acc_t* sums = partials.data_ptr<acc_t>();  // (B, taps + 1, C): dweight, then dbias
   at::parallel_for(0, p.batch * half, 1, [&](int64_t begin, int64_t end) {
-    const int n = units(p);
-    std::vector<PaddedPlane<acc_t>> xs(n, PaddedPlane<acc_t>(p.height, width));
-    std::vector<PaddedPlane<acc_t>> ds(n, PaddedPlane<acc_t>(p.height, width));  // dL/dy
-    std::vector<acc_t> rows(3 * width);
+    const int units_per_task = units(p);
+    std::vector<PaddedPlane<acc_t>> xs(units_per_task, PaddedPlane<acc_t>(p.height, width));
+    std::vector<PaddedPlane<acc_t>> ds(units_per_task, PaddedPlane<acc_t>(p.height, width));  // dL/dy
+    PaddedPlane<acc_t> dout(p.height, width);
+    std::vector<acc_t> ys(2 * n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / half, c = task % half;
-      for (int u = 0; u < n; ++u) xs[u].fill(x + (sample * p.channels + c + u * half) * plane);
-      for (int64_t h = 0; h < p.height; ++h) {
-        acc_t* dout = rows.data() + 2 * width;
-        widen(g + (sample * half + c) * plane + h * width, p.gate ? dout : ds[0].row(h + 1), width);
-        if (!p.gate) continue;
+      for (int u = 0; u < units_per_task; ++u) xs[u].fill(x + (sample * p.channels + c + u * half) * plane);
+      const scalar_t* g_plane = g + (sample * half + c) * plane;
+      if (!p.gate) {
+        ds[0].fill(g_plane);
+      } else {
+        dout.fill(g_plane);  // zero on the border columns, so d is too
         for (int u = 0; u < 2; ++u) {
           const int64_t channel = c + u * half;
-          stencil_row(xs[u], k + kTaps * channel, b[channel], h, rows.data() + u * width, false);
+          stencil(xs[u].padded_rows(0), stride, k + kTaps * channel, b[channel], false, ys.data() + u * n, n);
         }
-        gate_backward(rows.data(), rows.data() + width, dout, ds[0].row(h + 1), ds[1].row(h + 1), width);
+        gate_backward(ys.data(), ys.data() + n, dout.padded_rows(0), ds[0].padded_rows(0), ds[1].padded_rows(0), n);
+        // 0 * y there is NaN where a non-finite x reaches the border's y; padding takes no gradient.
+        for (PaddedPlane<acc_t>& d : ds) {
+          for (int64_t h = 0; h < p.height; ++h) d.row(h)[-1] = d.row(h)[width] = acc_t(0);
+        }
       }
-      for (int u = 0; u < n; ++u) {
+      for (int u = 0; u < units_per_task; ++u) {
         const int64_t channel = c + u * half;
-        const acc_t* kc = k + kTaps * channel;
-        acc_t tap_sums[kTaps + 1] = {};
-        for (int64_t h = 0; h < p.height; ++h) {
-          stencil_row(ds[u], kc, acc_t(0), h, rows.data(), true);
-          narrow(rows.data(), dxp + (sample * p.channels + channel) * plane + h * width, width);
-          const acc_t* d = ds[u].row(h + 1);
-          for (int t = 0; t < kTaps; ++t) {
-            const acc_t* src = xs[u].row(h + t / 3) + t % 3 - 1;
-            acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t w = 0; w < width; ++w) s += d[w] * src[w];
-            tap_sums[t] += s;
-          }
+        const acc_t* d = ds[u].padded_rows(0);
+        stencil(d, stride, k + kTaps * channel, acc_t(0), true, ys.data(), n);
+        narrow_rows(ys.data(), p.height, width, dxp + (sample * p.channels + channel) * plane);
+        // dweight[t] = sum over positions of d * x shifted by tap t; d is zero on the border columns.
+        const acc_t* xc = xs[u].padded_rows(0);
+        for (int t = 0; t <= kTaps; ++t) {
+          const acc_t* src = xc + (t / 3 - 1) * stride + t % 3 - 1;
           acc_t s = 0;
+          if (t == kTaps) {
 #pragma omp simd reduction(+ : s)
-          for (int64_t w = 0; w < width; ++w) s += d[w];
-          tap_sums[kTaps] += s;
+            for (int64_t q = 0; q < n; ++q) s += d[q];
+          } else {
+#pragma omp simd reduction(+ : s)
+            for (int64_t q = 0; q < n; ++q) s += d[q] * src[q];
+          }
+          sums[(sample * (kTaps + 1) + t) * p.channels + channel] = s;
         }
-        for (int t = 0; t <= kTaps; ++t) sums[(sample * (kTaps + 1) + t) * p.channels + channel] = tap_sums[t];
       }
     }
   });
