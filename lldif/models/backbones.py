@@ -189,6 +189,12 @@ def render_heatmaps(points: torch.Tensor, size: int, sigma: float) -> torch.Tens
     grid = torch.arange(size, dtype=points.dtype, device=points.device)
     gx = torch.exp(-(grid - points[..., 0, None]) ** 2 / (2 * sigma**2))  # (B, P, size) along x
     gy = torch.exp(-(grid - points[..., 1, None]) ** 2 / (2 * sigma**2))
+    # Far from its point the Gaussian underflows into subnormal floats, which x86 CPUs multiply about 100x more
+    # slowly: with 5% of the maps subnormal, the first convolution over them took 15% of a training step. Factors
+    # under 1.01 sqrt(smallest normal) become 0, so neither they nor their products are subnormal.
+    if points.dtype in (torch.float32, torch.float64):
+        floor = 1.01 * torch.finfo(points.dtype).tiny ** 0.5
+        gx, gy = gx.masked_fill(gx < floor, 0), gy.masked_fill(gy < floor, 0)
     return gy[..., :, None] * gx[..., None, :]
 
 
