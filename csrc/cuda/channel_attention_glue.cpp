@@ -18,19 +18,6 @@
 namespace lldif_kernels {
 namespace {
 
-// Runs before the CUDAGuard, which needs q on a CUDA device (the dispatcher picks CUDA if any argument is).
-ElementType checked_dtype(const at::Tensor& q) {
-  TORCH_CHECK_VALUE(glue::on_kernel_device(q), "channel_attention: q must be a ", glue::kDeviceName,
-                    " tensor, got device ", q.device());
-  const at::ScalarType t = q.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
-                   "channel_attention: the CUDA kernels take float32, float16, bfloat16 or float64 q, got ", t);
-  return t == at::kFloat      ? ElementType::kFloat32
-         : t == at::kHalf     ? ElementType::kFloat16
-         : t == at::kBFloat16 ? ElementType::kBFloat16
-                              : ElementType::kFloat64;
-}
-
 ChaShape shape_of(const cha::Problem& p) {
   return {p.batch, p.heads, p.dim, p.positions, {p.stride_batch, p.stride_head, p.stride_dim}};
 }
@@ -56,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_fwd
                                                                                  const at::Tensor& k,
                                                                                  const at::Tensor& v,
                                                                                  const at::Tensor& temperature) {
-  const ElementType dtype = checked_dtype(q);
+  const ElementType dtype = glue::checked_element_type(q, "channel_attention", "q");
   glue::DeviceGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);
@@ -92,7 +79,7 @@ at::Tensor channel_attention_bwd(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& v, const at::Tensor& temperature, const at::Tensor& cosine,
                                  const at::Tensor& q_norm, const at::Tensor& k_norm, at::Tensor& dq, at::Tensor& dk,
                                  at::Tensor& dv) {
-  const ElementType dtype = checked_dtype(q);
+  const ElementType dtype = glue::checked_element_type(q, "channel_attention", "q");
   glue::DeviceGuard guard(q.device());
   const cha::Problem p = cha::make_problem(q, k, v, temperature);
   check_kernel_limits(p, dtype);

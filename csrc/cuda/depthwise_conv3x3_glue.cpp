@@ -19,19 +19,6 @@
 namespace lldif_kernels {
 namespace {
 
-// Runs before the CUDAGuard, which needs x on a CUDA device (the dispatcher picks CUDA if any argument is).
-ElementType checked_dtype(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(glue::on_kernel_device(x), "depthwise_conv3x3: x must be a ", glue::kDeviceName,
-                    " tensor, got device ", x.device());
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
-                   "depthwise_conv3x3: the CUDA kernels take float32, float16, bfloat16 or float64 x, got ", t);
-  return t == at::kFloat      ? ElementType::kFloat32
-         : t == at::kHalf     ? ElementType::kFloat16
-         : t == at::kBFloat16 ? ElementType::kBFloat16
-                              : ElementType::kFloat64;
-}
-
 DwcShape shape_of(const dwc::Problem& p) {
   return {p.batch, p.channels, p.height, p.width, p.channels_inner, p.gate};
 }
@@ -56,7 +43,7 @@ const void* bias_pointer(const dwc::Problem& p) { return p.bias.defined() ? p.bi
 
 at::Tensor depthwise_conv3x3_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  bool gate) {
-  const ElementType dtype = checked_dtype(x);
+  const ElementType dtype = glue::checked_element_type(x, "depthwise_conv3x3", "x");
   glue::DeviceGuard guard(x.device());
   const dwc::Problem p = dwc::make_problem(x, weight, bias, gate);
   check_kernel_limits(p, dtype, false);
@@ -71,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd(const at::T
                                                                      const at::Tensor& weight,
                                                                      const std::optional<at::Tensor>& bias,
                                                                      bool gate) {
-  const ElementType dtype = checked_dtype(x);
+  const ElementType dtype = glue::checked_element_type(x, "depthwise_conv3x3", "x");
   glue::DeviceGuard guard(x.device());
   const dwc::Problem p = dwc::make_problem(x, weight, bias, gate);
   check_kernel_limits(p, dtype, true);

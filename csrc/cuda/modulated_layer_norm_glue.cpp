@@ -17,19 +17,6 @@
 namespace lldif_kernels {
 namespace {
 
-// Runs before the CUDAGuard, which needs x on a CUDA device (the dispatcher picks CUDA if any argument is).
-ElementType checked_dtype(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(glue::on_kernel_device(x), "modulated_layer_norm: x must be a ", glue::kDeviceName,
-                    " tensor, got device ", x.device());
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
-                   "modulated_layer_norm: the CUDA kernels take float32, float16, bfloat16 or float64 x, got ", t);
-  return t == at::kFloat  ? ElementType::kFloat32
-         : t == at::kHalf ? ElementType::kFloat16
-         : t == at::kBFloat16 ? ElementType::kBFloat16
-                              : ElementType::kFloat64;
-}
-
 // The kernels index channels with int and launch one block per (sample, tile of positions) on a 1-D grid.
 void check_kernel_limits(const mln::Problem& p) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -46,7 +33,7 @@ void check_launch(cudaError_t err) {
 
 at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, const at::Tensor& e, double eps,
                                     bool bias_free) {
-  const ElementType dtype = checked_dtype(x);
+  const ElementType dtype = glue::checked_element_type(x, "modulated_layer_norm", "x");
   glue::DeviceGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);
@@ -62,7 +49,7 @@ at::Tensor modulated_layer_norm_fwd(const at::Tensor& x, const at::Tensor& a, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                                         const at::Tensor& a, double eps,
                                                                         bool bias_free) {
-  const ElementType dtype = checked_dtype(x);
+  const ElementType dtype = glue::checked_element_type(x, "modulated_layer_norm", "x");
   glue::DeviceGuard guard(x.device());
   const mln::Problem p = mln::make_problem(x, a, eps);
   check_kernel_limits(p);

@@ -18,18 +18,6 @@
 namespace lldif_kernels {
 namespace {
 
-// Runs before the CUDAGuard, which needs k on a CUDA device (the dispatcher picks CUDA if any argument is).
-// make_problem checks the dtype itself; this only maps it.
-ElementType checked_dtype(const at::Tensor& k) {
-  TORCH_CHECK_VALUE(glue::on_kernel_device(k), "window_cross_attention: k must be a ", glue::kDeviceName,
-                    " tensor, got device ", k.device());
-  const at::ScalarType t = k.scalar_type();
-  return t == at::kHalf ? ElementType::kFloat16
-         : t == at::kBFloat16 ? ElementType::kBFloat16
-         : t == at::kDouble   ? ElementType::kFloat64
-                              : ElementType::kFloat32;
-}
-
 WcaShape shape_of(const wca::Problem& p) {
   const auto strides = [](const wca::Strides& s) { return WcaStrides{s.window, s.head, s.token}; };
   return {p.windows, p.query_windows, p.heads, p.tokens, p.dim, p.window_size,
@@ -61,7 +49,7 @@ void check_launch(cudaError_t err) {
 std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& table,
                                                               int64_t window_size, double scale) {
-  const ElementType dtype = checked_dtype(k);
+  const ElementType dtype = glue::checked_element_type(k, "window_cross_attention", "k");
   glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p, dtype);
@@ -76,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> window_cross_attention_fwd(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_cross_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
     const at::Tensor& out, const at::Tensor& lse, int64_t window_size, double scale, bool need_dq) {
-  const ElementType dtype = checked_dtype(k);
+  const ElementType dtype = glue::checked_element_type(k, "window_cross_attention", "k");
   glue::DeviceGuard guard(k.device());
   const wca::Problem p = wca::make_problem(q, k, v, table, window_size, scale);
   check_kernel_limits(p, dtype);

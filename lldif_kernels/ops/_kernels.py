@@ -40,15 +40,21 @@ def check_tensor(name: str, t: object, like: tuple[str, torch.Tensor] | None = N
     return t
 
 
+def triton_limit_reasons(op: str, backend: str, *shape: int) -> list[str]:
+    """Why ``op``'s Triton kernels cannot serve a shape (the module's ``limit_reasons(*shape)``); [] for the other
+    backends, and when triton is missing (the dispatcher already says so)."""
+    if backend != "triton":
+        return []
+    try:
+        module = importlib.import_module(f"lldif_kernels.triton.{op}")
+    except ImportError:
+        return []
+    return module.limit_reasons(*shape)
+
+
 def kernel_limit_reasons(op: str, backend: str, dim: int, cuda_max_dim: int, *shape: int) -> list[str]:
     """Why ``op``'s kernels on ``backend`` cannot serve a shape, beyond the dispatcher's availability, device
     and dtype checks: the CUDA kernels' head-dimension limit, or the Triton module's ``limit_reasons(*shape)``."""
     if backend in ("cuda", dispatch.EMULATED_CUDA) and dim > cuda_max_dim:
         return [f"d={dim} channels per head exceeds the CUDA kernels' limit of {cuda_max_dim}"]
-    if backend != "triton":
-        return []
-    try:
-        module = importlib.import_module(f"lldif_kernels.triton.{op}")
-    except ImportError:  # the dispatcher already says that triton is missing
-        return []
-    return module.limit_reasons(*shape)
+    return triton_limit_reasons(op, backend, *shape)

@@ -13,7 +13,7 @@ import torch
 from .. import _extension, dispatch, reference
 from .._layout import canonical, channels_inner
 from ..profiling import nvtx_range
-from ._kernels import check_tensor, kernels
+from ._kernels import check_tensor, kernels, triton_limit_reasons
 
 OP = "depthwise_conv3x3"
 
@@ -104,13 +104,7 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def op_reasons(backend: str, x: torch.Tensor) -> list[str]:
     """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
-    if backend != "triton":
-        return []
-    try:
-        from ..triton.depthwise_conv3x3 import limit_reasons
-    except ImportError:  # the dispatcher already says that triton is missing
-        return []
-    return limit_reasons(*x.shape)
+    return triton_limit_reasons(OP, backend, *x.shape)
 
 
 def depthwise_conv3x3(

@@ -15,7 +15,7 @@ import torch
 from .. import _extension, dispatch, reference
 from .._layout import canonical, channels_and_positions
 from ..profiling import nvtx_range
-from ._kernels import kernels
+from ._kernels import kernels, triton_limit_reasons
 
 OP = "modulated_layer_norm"
 
@@ -110,13 +110,7 @@ def _check_args(
 
 def op_reasons(backend: str, x: torch.Tensor) -> list[str]:
     """Limits of this op's kernels beyond the dispatcher's availability, device and dtype checks."""
-    if backend != "triton":
-        return []
-    try:
-        from ..triton.modulated_layer_norm import limit_reasons
-    except ImportError:  # the dispatcher already says that triton is missing
-        return []
-    return limit_reasons(x.shape[0], *channels_and_positions(x))
+    return triton_limit_reasons(OP, backend, x.shape[0], *channels_and_positions(x))
 
 
 def modulated_layer_norm(
