@@ -51,8 +51,8 @@ def pass_call(
     op: Callable, inputs: Sequence[torch.Tensor], pass_: str, frozen: Sequence[int] = ()
 ) -> Callable[[], object]:
     """op on inputs as one timed call: `fwd` without autograd, or `fwd+bwd` with the gradients of every input
-    but the `frozen` ones (for a random cotangent shaped like the first input, as every op's output is). Runs
-    it once, so that compilation and first-touch stay outside the timing."""
+    but the `frozen` ones (for a random cotangent shaped like the op's output). Runs it once, so that
+    compilation and first-touch stay outside the timing."""
     if pass_ == "fwd":
         def call():
             with torch.no_grad():
@@ -60,13 +60,22 @@ def pass_call(
     else:
         leaves = [t.requires_grad_(i not in frozen) for i, t in enumerate(inputs)]
         trained = [t for t in leaves if t.requires_grad]
-        grad_out = torch.randn_like(leaves[0])
+        with torch.no_grad():
+            grad_out = torch.randn_like(op(*leaves))
 
         def call():
             return torch.autograd.grad(op(*leaves), trained, grad_out)
 
     call()
     return call
+
+
+@functools.cache
+def matmul_flops_per_second(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP rate of a square 2048 matmul on this machine, measured once per dtype: the compute roofline."""
+    a = torch.randn(2048, 2048, device=DEVICE).to(dtype)
+    seconds = Timer("a @ a", globals={"a": a}).blocked_autorange(min_run_time=0.5).median
+    return 2 * 2048**3 / seconds
 
 
 @functools.cache
@@ -114,8 +123,10 @@ def record(
     flops: int | None = None,
     flops_formula: str | None = None,
     peak_bytes: int | None = None,
+    matmul_rate: float | None = None,
 ) -> None:
-    """Attach per-call bandwidth, its ratio to the clone baseline, FLOP rate and peak memory to the result."""
+    """Attach per-call bandwidth, its ratio to the clone baseline, FLOP rate and peak memory to the result;
+    with ``matmul_rate`` (FLOP/s), the roofline time max(bytes / clone bandwidth, flops / matmul_rate) too."""
     seconds = benchmark.stats.stats.median / REPEAT
     gbps = bytes_moved / seconds / 1e9
     benchmark.extra_info.update(
@@ -132,3 +143,7 @@ def record(
         benchmark.extra_info.update({"TFLOP/s": round(flops / seconds / 1e12, 4), "flops_formula": flops_formula})
     if peak_bytes is not None:
         benchmark.extra_info["peak_MB"] = round(peak_bytes / 2**20, 2)
+    if matmul_rate is not None and flops is not None:
+        roofline = max(bytes_moved / clone_bandwidth, flops / matmul_rate)
+        benchmark.extra_info.update({"roofline_ms": round(roofline * 1e3, 4),
+                                     "fraction_of_roofline": round(roofline / seconds, 3)})

@@ -28,9 +28,9 @@ def summarize(report: dict) -> str:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} CPUs; "
         f"{report.get('datetime', '')}",
         "",
-        "| group | provider | ms / call | GB/s | x clone bandwidth | TFLOP/s | peak MB | images/s | vs eager "
-        "| vs compile |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| group | provider | ms / call | GB/s | x clone bandwidth | TFLOP/s | x roofline | peak MB | images/s "
+        "| vs eager | vs compile |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group, by_provider in groups.items():
         ms = {p: b["extra_info"].get("ms_per_call", b["stats"]["median"] * 1e3) for p, b in by_provider.items()}
@@ -42,7 +42,8 @@ def summarize(report: dict) -> str:
             lines.append(
                 f"| {group} | {provider} | {ms[provider]:.3f} | {info.get('GB/s', '-')} | "
                 f"{info.get('fraction_of_clone_bandwidth', '-')} | {info.get('TFLOP/s', '-')} | "
-                f"{info.get('peak_MB', '-')} | {info.get('images_per_s', '-')} | {ratios[0]} | {ratios[1]} |"
+                f"{info.get('fraction_of_roofline', '-')} | {info.get('peak_MB', '-')} | "
+                f"{info.get('images_per_s', '-')} | {ratios[0]} | {ratios[1]} |"
             )
     return "\n".join(lines) + "\n"
 
