@@ -6,7 +6,7 @@
 // backward recomputes y instead of reading it back. Two layouts, two decompositions:
 //   planar (NCHW):          a task is one channel, or one gate pair, of one sample. Its planes are copied once
 //                           into zero-padded buffers of the accumulation type, so the stencil has no border
-//                           cases and vectorises along rows.
+//                           cases and runs as one vector loop over the whole padded plane.
 //   channels-inner (NHWC):  a task is a band of rows of one sample; the stencil vectorises along channels with
 //                           the weights transposed to (tap, C).
 // dweight/dbias are summed per task in a fixed order and the tasks' partials are reduced in task order, so the
@@ -112,7 +112,7 @@ void narrow(const acc_t* src, scalar_t* dst, int64_t n) {
 }
 
 // The channels a task of the planar kernels owns: c, and with the gate its value partner c + C/2.
-int units(const dwc::Problem& p) { return p.gate ? 2 : 1; }
+int channels_per_task(const dwc::Problem& p) { return p.gate ? 2 : 1; }
 
 // --- planar ----------------------------------------------------------------------------------------------------
 
@@ -171,14 +171,15 @@ void forward_planar(const dwc::Problem& p, const at::Tensor& weight, const at::T
   const scalar_t* x = p.x.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   at::parallel_for(0, p.batch * half, 1, [&](int64_t begin, int64_t end) {
-    std::vector<PaddedPlane<acc_t>> planes(units(p), PaddedPlane<acc_t>(p.height, p.width));
+    const int task_channels = channels_per_task(p);
+    std::vector<PaddedPlane<acc_t>> planes(task_channels, PaddedPlane<acc_t>(p.height, p.width));
     std::vector<acc_t> ys(2 * band * stride);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / half, c = task % half;
-      for (int u = 0; u < units(p); ++u) planes[u].fill(x + (sample * p.channels + c + u * half) * plane);
+      for (int u = 0; u < task_channels; ++u) planes[u].fill(x + (sample * p.channels + c + u * half) * plane);
       for (int64_t h0 = 0; h0 < p.height; h0 += band) {
         const int64_t n = std::min(band, p.height - h0) * stride;
-        for (int u = 0; u < units(p); ++u) {
+        for (int u = 0; u < task_channels; ++u) {
           const int64_t channel = c + u * half;
           stencil(planes[u].padded_rows(h0), stride, k + kTaps * channel, b[channel], false, ys.data() + u * n, n);
         }
@@ -202,14 +203,14 @@ void backward_planar(const dwc::Problem& p, const at::Tensor& dy, const at::Tens
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   acc_t* sums = partials.data_ptr<acc_t>();  // (B, taps + 1, C): dweight, then dbias
   at::parallel_for(0, p.batch * half, 1, [&](int64_t begin, int64_t end) {
-    const int units_per_task = units(p);
-    std::vector<PaddedPlane<acc_t>> xs(units_per_task, PaddedPlane<acc_t>(p.height, width));
-    std::vector<PaddedPlane<acc_t>> ds(units_per_task, PaddedPlane<acc_t>(p.height, width));  // dL/dy
+    const int task_channels = channels_per_task(p);
+    std::vector<PaddedPlane<acc_t>> xs(task_channels, PaddedPlane<acc_t>(p.height, width));
+    std::vector<PaddedPlane<acc_t>> ds(task_channels, PaddedPlane<acc_t>(p.height, width));  // dL/dy
     PaddedPlane<acc_t> dout(p.height, width);
     std::vector<acc_t> ys(2 * n);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sample = task / half, c = task % half;
-      for (int u = 0; u < units_per_task; ++u) xs[u].fill(x + (sample * p.channels + c + u * half) * plane);
+      for (int u = 0; u < task_channels; ++u) xs[u].fill(x + (sample * p.channels + c + u * half) * plane);
       const scalar_t* g_plane = g + (sample * half + c) * plane;
       if (!p.gate) {
         ds[0].fill(g_plane);
@@ -225,7 +226,7 @@ void backward_planar(const dwc::Problem& p, const at::Tensor& dy, const at::Tens
           for (int64_t h = 0; h < p.height; ++h) d.row(h)[-1] = d.row(h)[width] = acc_t(0);
         }
       }
-      for (int u = 0; u < units_per_task; ++u) {
+      for (int u = 0; u < task_channels; ++u) {
         const int64_t channel = c + u * half;
         const acc_t* d = ds[u].padded_rows(0);
         stencil(d, stride, k + kTaps * channel, acc_t(0), true, ys.data(), n);
