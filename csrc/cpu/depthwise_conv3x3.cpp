@@ -252,10 +252,16 @@ void backward_planar(const dwc::Problem& p, const at::Tensor& dy, const at::Tens
 
 // --- channels-inner --------------------------------------------------------------------------------------------
 
-// Rows per band: its d_pre buffer (band + 2 halo rows) about kBandBytes.
-int64_t band_rows(const dwc::Problem& p, int64_t acc_bytes) {
+// Channels-inner tasks: bands of `rows` image rows (the last one shorter), `count` of them per sample, each
+// band's d_pre buffer (band + 2 halo rows) about kBandBytes.
+struct Bands {
+  int64_t rows, count;
+};
+
+Bands bands_of(const dwc::Problem& p, int64_t acc_bytes) {
   const int64_t row_bytes = std::max<int64_t>(p.width * p.channels * acc_bytes, 1);
-  return std::clamp<int64_t>(kBandBytes / row_bytes - 2, 1, std::max<int64_t>(p.height, 1));
+  const int64_t rows = std::clamp<int64_t>(kBandBytes / row_bytes - 2, 1, std::max<int64_t>(p.height, 1));
+  return {rows, (p.height + rows - 1) / rows};
 }
 
 // acc[c] = bias[c] + sum over the taps inside the image of kt[t][c] * in(h + i - 1, w + j - 1)[c] (flipped: the
@@ -281,7 +287,7 @@ void forward_channels_inner(const dwc::Problem& p, const at::Tensor& weight_t, c
                             at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.channels, half = p.out_channels(), W = p.width;
-  const int64_t band = band_rows(p, sizeof(acc_t)), bands = (p.height + band - 1) / band;
+  const auto [band, bands] = bands_of(p, sizeof(acc_t));
   const acc_t* kt = weight_t.data_ptr<acc_t>();
   const acc_t* b = bias.data_ptr<acc_t>();
   const scalar_t* x = p.x.data_ptr<scalar_t>();
@@ -313,7 +319,7 @@ void backward_channels_inner(const dwc::Problem& p, const at::Tensor& dy, const 
                              const at::Tensor& bias, at::Tensor& dx, at::Tensor& partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.channels, half = p.out_channels(), W = p.width;
-  const int64_t band = band_rows(p, sizeof(acc_t)), bands = (p.height + band - 1) / band;
+  const auto [band, bands] = bands_of(p, sizeof(acc_t));
   const acc_t* kt = weight_t.data_ptr<acc_t>();
   const acc_t* b = bias.data_ptr<acc_t>();
   const scalar_t* x = p.x.data_ptr<scalar_t>();
@@ -412,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv3x3_bwd_cpu(const a
   at::Tensor dbias = at::zeros({p.channels}, acc_options);
   if (dx.numel() > 0) {
     const at::Tensor k = kernel_weight(p), b = kernel_bias(p);
-    const int64_t band = band_rows(p, at::elementSize(accumulation_type(p)));
-    const int64_t tasks = p.channels_inner ? p.batch * ((p.height + band - 1) / band) : p.batch;
+    const int64_t tasks = p.channels_inner ? p.batch * bands_of(p, at::elementSize(accumulation_type(p))).count
+                                           : p.batch;
     at::Tensor partials = at::empty({tasks, kTaps + 1, p.channels}, acc_options);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv3x3_bwd", [&] {
       if (p.channels_inner) {

@@ -159,6 +159,16 @@ def _input_grads(
 
 
 @triton.jit
+def _out_channels(C, GATE: tl.constexpr):
+    """Channels of the output: the gate halves them."""
+    if GATE:
+        out_channels = C // 2
+    else:
+        out_channels = C
+    return out_channels
+
+
+@triton.jit
 def _half_offset(out_channels, H, W, CHANNELS_INNER: tl.constexpr):
     """Offset of channel c + out_channels from channel c in x: the gate's second half."""
     if CHANNELS_INNER:
@@ -176,10 +186,7 @@ def _dwc_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     sample, channels, rows, cols = _tile(W, 0, BLOCK_C, BLOCK_H, BLOCK_W)
-    if GATE:
-        out_channels = C // 2
-    else:
-        out_channels = C
+    out_channels = _out_channels(C, GATE)
     x_ptr += sample * C * H * W
     out_ptr += sample * out_channels * H * W
     channel_mask = channels < out_channels
@@ -205,10 +212,7 @@ def _dwc_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     sample, channels, rows, cols = _tile(W, 1, BLOCK_C, BLOCK_H, BLOCK_W)
-    if GATE:
-        out_channels = C // 2
-    else:
-        out_channels = C
+    out_channels = _out_channels(C, GATE)
     x_ptr += sample * C * H * W
     dx_ptr += sample * C * H * W
     dy_ptr += sample * out_channels * H * W
